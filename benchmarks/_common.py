@@ -1,0 +1,104 @@
+"""Helpers shared by the benchmarks: import paths, a moto-backed environment, handler calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT / "layers" / "embedsvc", ROOT):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+BENCH_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "CACHE_TABLE": "bench-cache",
+    "LEDGER_TABLE": "bench-ledger",
+    "API_KEYS_TABLE": "bench-keys",
+    "POWERTOOLS_TRACE_DISABLED": "true",
+    "POWERTOOLS_LOG_LEVEL": "ERROR",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@contextmanager
+def moto_environment(extra: dict[str, str] | None = None):
+    """In-process moto with the service's tables, and the package pointed at them."""
+    os.environ.update(BENCH_ENV)
+    os.environ.update(extra or {})
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    from embedsvc.config import reset_settings
+    from moto import mock_aws
+
+    with mock_aws():
+        reset_settings()
+        from embedsvc.adapters.aws import client
+        from embedsvc.adapters.cache import create_cache_table
+        from embedsvc.services.ratelimit import create_ledger_table
+
+        create_cache_table(client("dynamodb"), BENCH_ENV["CACHE_TABLE"])
+        create_ledger_table(client("dynamodb"), BENCH_ENV["LEDGER_TABLE"])
+        from embedsvc import container
+        from embedsvc.observability import CostRecorder
+
+        container.put("costs", CostRecorder(sink=lambda blob: None))  # EMF lines would flood stdout
+        yield container
+        reset_settings()
+
+
+def api_call(body: dict) -> dict:
+    """One request through the real API handler (as API Gateway would invoke it)."""
+    from embedsvc.local.gateway import rest_event
+    from embedsvc.local.lambda_context import LocalLambdaContext
+
+    from functions.api.app import lambda_handler
+
+    event = rest_event(
+        "POST",
+        "/v1/embeddings",
+        {"Content-Type": "application/json"},
+        json.dumps(body),
+        {"principalId": "bench", "tenant_id": "bench", "user_id": "bench"},
+    )
+    answer = lambda_handler(event, LocalLambdaContext("api"))
+    if answer["statusCode"] != 200:
+        raise RuntimeError(answer["body"])
+    return json.loads(answer["body"])
+
+
+def short_texts(n: int, salt: str) -> list[str]:
+    """Distinct short sentences (a fresh salt guarantees cache misses)."""
+    subjects = [
+        "The shepherd",
+        "A traveller",
+        "The prophet",
+        "Her neighbour",
+        "The king",
+        "A child",
+        "The farmer",
+        "Our teacher",
+    ]
+    verbs = ["remembers", "carries", "finds", "praises", "builds", "forgives", "watches", "gathers"]
+    objects = [
+        "the lost sheep",
+        "bread for the road",
+        "a quiet river",
+        "the old city wall",
+        "seeds in spring",
+        "a lamp at night",
+    ]
+    return [
+        f"{subjects[i % 8]} {verbs[(i // 8) % 8]} {objects[(i // 64) % 6]} ({salt} {i})." for i in range(n)
+    ]
+
+
+def emit(result: dict) -> None:
+    """Benchmarks end with one JSON object on the last line of stdout."""
+    print(json.dumps(result), flush=True)

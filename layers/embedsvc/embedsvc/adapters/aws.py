@@ -1,0 +1,50 @@
+"""boto3 clients and secrets, created on first use and cached per process.
+
+Locally (moto server) the endpoint comes from AWS_ENDPOINT_URL, which botocore reads itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import cache
+from typing import Any
+
+_lock = threading.Lock()
+
+
+@cache
+def client(service: str) -> Any:
+    """A cached boto3 client for `service` in the configured region."""
+    import boto3
+    from botocore.config import Config
+
+    # boto3's session creation is not thread-safe; clients themselves are.
+    with _lock:
+        return boto3.session.Session().client(
+            service,
+            region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
+        )
+
+
+def get_secret(secret_id: str, *, max_age_seconds: int = 300) -> str:
+    """A secret's string value from Secrets Manager, cached for `max_age_seconds` (Powertools parameters)."""
+    from aws_lambda_powertools.utilities import parameters
+
+    value = parameters.get_secret(secret_id, max_age=max_age_seconds, boto3_client=client("secretsmanager"))
+    return value if isinstance(value, str) else value.decode()
+
+
+def get_parameter(name: str, *, max_age_seconds: int = 60) -> str:
+    """An SSM parameter's value, cached for `max_age_seconds` so config changes apply without a deploy."""
+    from aws_lambda_powertools.utilities import parameters
+
+    return str(parameters.get_parameter(name, max_age=max_age_seconds, ssm_client=client("ssm")))
+
+
+def reset() -> None:
+    client.cache_clear()
+    from aws_lambda_powertools.utilities import parameters
+
+    parameters.clear_caches()

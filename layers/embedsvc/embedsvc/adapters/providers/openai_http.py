@@ -1,0 +1,103 @@
+"""Any OpenAI-compatible embeddings endpoint (OpenAI, TEI, Infinity, vLLM, Ollama) through the official SDK."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import threading
+import time
+
+import numpy as np
+
+from embedsvc.adapters.providers.base import ProviderResult
+from embedsvc.config import ProviderSpec
+from embedsvc.errors import ConfigError, ProviderError, ProviderRateLimited, ProviderRejected, ProviderTimeout
+
+
+def parse_retry_after(headers) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `retry-after` (seconds or an HTTP date), as the SDK reads them."""
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+class OpenAIHttpProvider:
+    def __init__(self, spec: ProviderSpec, *, api_key: str | None = None):
+        self.key = spec.key
+        self.spec = spec
+        self._api_key = api_key
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _resolve_api_key(self) -> str:
+        if self._api_key:
+            return self._api_key
+        if self.spec.api_key_env and os.environ.get(self.spec.api_key_env):
+            return os.environ[self.spec.api_key_env]
+        if self.spec.api_key_secret:
+            from embedsvc.adapters.aws import get_secret
+
+            try:
+                return get_secret(self.spec.api_key_secret)
+            except Exception as exc:
+                raise ConfigError(
+                    f"provider {self.key}: cannot read secret {self.spec.api_key_secret}: {exc!r}"
+                ) from exc
+        # Self-hosted servers often need no key; the SDK insists on a non-empty one.
+        return "none"
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                from openai import OpenAI
+
+                # SDK retries are off: every try must pass through the shared rate-limit ledger first,
+                # otherwise retries would spend provider budget that no other worker can see.
+                self._client = OpenAI(
+                    base_url=self.spec.base_url,
+                    api_key=self._resolve_api_key(),
+                    max_retries=0,
+                    timeout=self.spec.timeout_seconds,
+                )
+            return self._client
+
+    def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
+        import openai
+
+        kwargs = {"dimensions": dimensions} if dimensions else {}
+        try:
+            # No encoding_format: the SDK asks for base64 (a third of the bytes) and decodes it itself.
+            response = self.client().embeddings.create(input=texts, model=model_name, **kwargs)
+        except openai.RateLimitError as exc:
+            raise ProviderRateLimited(
+                f"{self.key} answered 429: {exc.message}", retry_after=parse_retry_after(exc.response.headers)
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise ProviderTimeout(f"{self.key} timed out after {self.spec.timeout_seconds}s") from exc
+        except openai.APIConnectionError as exc:
+            raise ProviderError(f"{self.key} is unreachable: {exc}") from exc
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code in (401, 403, 404, 408, 409):
+                # Server faults, and a key or model this endpoint lacks: another endpoint may still serve.
+                raise ProviderError(f"{self.key} answered {exc.status_code}: {exc.message}") from exc
+            raise ProviderRejected(
+                f"{self.key} rejected the request ({exc.status_code}): {exc.message}"
+            ) from exc
+        data = sorted(response.data, key=lambda item: item.index)
+        if len(data) != len(texts):
+            raise ProviderError(f"{self.key} returned {len(data)} embeddings for {len(texts)} inputs")
+        vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
+        usage = getattr(response, "usage", None)
+        return ProviderResult(vectors, getattr(usage, "prompt_tokens", None))

@@ -1,0 +1,183 @@
+"""The vector store: Qdrant (a server, or qdrant-client local mode for tests and the embedded default).
+
+Point ids are UUIDv5 of (content_type, id), since Qdrant accepts only unsigned ints or UUIDs; the
+content id itself travels in the payload.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from embedsvc.errors import VectorStoreUnavailable
+
+POINT_NAMESPACE = uuid.UUID("6f1c1b2e-8d6e-5b0a-9d2b-3e0f4c7a1d55")
+
+
+def point_id(content_type: str, content_id: str) -> str:
+    """The Qdrant point id of a piece of content: stable across runs and machines."""
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{content_type}:{content_id}"))
+
+
+def collection_name(content_type: str, model_key: str) -> str:
+    return f"{content_type}_{model_key}"
+
+
+@dataclass
+class Point:
+    id: str
+    vector: Sequence[float]
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    id: str  # the content id (payload "id"), not the point UUID
+    score: float
+    payload: dict[str, Any]
+
+
+class VectorStore:
+    def __init__(self, client):
+        self.client = client
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(
+        cls, *, url: str | None = None, path: str | None = None, api_key: str | None = None
+    ) -> VectorStore:
+        """A Qdrant server at `url`, else local mode on disk at `path`, else in memory."""
+        from qdrant_client import QdrantClient
+
+        if url:
+            return cls(QdrantClient(url=url, api_key=api_key, timeout=30))
+        return cls(QdrantClient(path=path) if path else QdrantClient(location=":memory:"))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, KeyError) as exc:
+            if "not found" in str(exc).lower():
+                raise
+            raise VectorStoreUnavailable(f"qdrant {what} failed: {exc!r}") from exc
+        except Exception as exc:
+            raise VectorStoreUnavailable(f"qdrant {what} failed: {exc!r}") from exc
+
+    def ensure_collection(self, name: str, dimensions: int) -> None:
+        """Create a cosine collection if absent (idempotent; checked once per process)."""
+        from qdrant_client import models
+
+        with self._lock:
+            if name in self._known:
+                return
+            if not self._call("collection_exists", self.client.collection_exists, name):
+                self._call(
+                    "create_collection",
+                    self.client.create_collection,
+                    name,
+                    vectors_config=models.VectorParams(size=dimensions, distance=models.Distance.COSINE),
+                )
+                for field in ("id", "owner_id"):
+                    self._call(
+                        "create_payload_index",
+                        self.client.create_payload_index,
+                        name,
+                        field_name=field,
+                        field_schema=models.PayloadSchemaType.KEYWORD,
+                    )
+            self._known.add(name)
+
+    def exists(self, name: str) -> bool:
+        return bool(self._call("collection_exists", self.client.collection_exists, name))
+
+    def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored payloads of the given points (absent points are absent)."""
+        if not point_ids:
+            return {}
+        records = self._call(
+            "retrieve",
+            self.client.retrieve,
+            collection,
+            ids=list(point_ids),
+            with_payload=True,
+            with_vectors=False,
+        )
+        return {str(r.id): dict(r.payload or {}) for r in records}
+
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        """Write points and return only once Qdrant has applied them (wait=True)."""
+        from qdrant_client import models
+
+        if not points:
+            return
+        structs = [
+            models.PointStruct(id=p.id, vector=list(map(float, p.vector)), payload=p.payload) for p in points
+        ]
+        self._call("upsert", self.client.upsert, collection, points=structs, wait=True)
+
+    def delete(self, collection: str, point_ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        if point_ids:
+            self._call(
+                "delete",
+                self.client.delete,
+                collection,
+                points_selector=models.PointIdsList(points=list(point_ids)),
+                wait=True,
+            )
+
+    def count(self, collection: str) -> int:
+        return int(self._call("count", self.client.count, collection, exact=True).count)
+
+    def search(
+        self, collection: str, vector: Sequence[float], *, limit: int, owner_id: str | None = None
+    ) -> list[Hit]:
+        """Nearest points by cosine; with `owner_id`, only that tenant's content and shared content."""
+        from qdrant_client import models
+
+        query_filter = None
+        if owner_id is not None:
+            query_filter = models.Filter(
+                should=[
+                    models.FieldCondition(key="owner_id", match=models.MatchValue(value=owner_id)),
+                    models.IsNullCondition(is_null=models.PayloadField(key="owner_id")),
+                ]
+            )
+        answer = self._call(
+            "query_points",
+            self.client.query_points,
+            collection,
+            query=list(map(float, vector)),
+            limit=limit,
+            query_filter=query_filter,
+            with_payload=True,
+        )
+        return [
+            Hit(str((p.payload or {}).get("id", p.id)), float(p.score), dict(p.payload or {}))
+            for p in answer.points
+        ]
+
+    def iter_points(self, collection: str, *, page: int = 1000, with_vectors: bool = False) -> Iterator[Any]:
+        """Every point, a page at a time (for exports, audits and exact-search checks)."""
+        offset = None
+        while True:
+            records, offset = self._call(
+                "scroll",
+                self.client.scroll,
+                collection,
+                limit=page,
+                offset=offset,
+                with_payload=True,
+                with_vectors=with_vectors,
+            )
+            yield from records
+            if offset is None:
+                return

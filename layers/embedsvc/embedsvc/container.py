@@ -1,0 +1,143 @@
+"""Process-wide components, built on first use from the settings (never at import time).
+
+Handlers and the CLI ask here for the embedding service, the vector store, the ledger, etc.
+Tests and the local stack call `reset()` after changing the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+_components: dict[str, Any] = {}
+_lock = threading.RLock()
+
+
+def _get(name: str, factory) -> Any:
+    with _lock:
+        if name not in _components:
+            _components[name] = factory()
+        return _components[name]
+
+
+def put(name: str, component: Any) -> None:
+    """Replace a component (tests inject fakes of I/O edges here)."""
+    with _lock:
+        _components[name] = component
+
+
+def reset() -> None:
+    """Drop every component; the next use rebuilds it from fresh settings."""
+    with _lock:
+        for component in _components.values():
+            close = getattr(component, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):  # closing is best effort
+                    close()
+        _components.clear()
+    from embedsvc.adapters import aws
+
+    aws.reset()
+
+
+def settings():
+    from embedsvc.config import get_settings
+
+    return get_settings()
+
+
+def ledger():
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.ratelimit import RateLimitLedger
+
+        s = settings()
+        return RateLimitLedger(s.ledger_table, client("dynamodb"), bulk_ceiling=s.bulk_ceiling)
+
+    return _get("ledger", build)
+
+
+def cache():
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.adapters.cache import EmbeddingCache
+
+        s = settings()
+        return EmbeddingCache(s.cache_table, client("dynamodb"), ttl_seconds=s.cache_ttl_seconds)
+
+    return _get("cache", build)
+
+
+def costs():
+    def build():
+        from embedsvc.observability import CostRecorder
+
+        return CostRecorder(namespace=settings().metrics_namespace)
+
+    return _get("costs", build)
+
+
+def providers():
+    def build():
+        from embedsvc.adapters.providers import build_providers
+
+        return build_providers(settings().registry)
+
+    return _get("providers", build)
+
+
+def router():
+    def build():
+        from embedsvc.services.router import EmbeddingRouter
+
+        return EmbeddingRouter(providers(), ledger(), provider_specs=settings().registry.providers)
+
+    return _get("router", build)
+
+
+def embedding_service():
+    def build():
+        from embedsvc.services.embedding import EmbeddingService
+
+        return EmbeddingService(settings().registry, router(), cache(), costs())
+
+    return _get("embedding_service", build)
+
+
+def api_keys():
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.auth import ApiKeyStore
+
+        return ApiKeyStore(settings().api_keys_table, client("dynamodb"))
+
+    return _get("api_keys", build)
+
+
+def vector_store():
+    def build():
+        from embedsvc.adapters.qdrant import VectorStore
+
+        s = settings()
+        api_key = None
+        if s.qdrant_url and s.qdrant_api_key_secret:
+            from embedsvc.adapters.aws import get_secret
+
+            api_key = get_secret(s.qdrant_api_key_secret)
+        return VectorStore.connect(url=s.qdrant_url, path=s.qdrant_path, api_key=api_key)
+
+    return _get("vector_store", build)
+
+
+def indexer():
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.indexing import Indexer, sqs_dead_letter
+
+        s = settings()
+        return Indexer(
+            s, embedding_service(), vector_store(), sqs_dead_letter(s.index_dlq_url, client("sqs"))
+        )
+
+    return _get("indexer", build)

@@ -1,0 +1,109 @@
+"""One error hierarchy for the whole service.
+
+Each error carries what the edges need to map it: the HTTP status and OpenAI error `type`/`code`
+(API), whether a retry can help (SQS per-record failures, Step Functions Retry/Catch match the class
+name), and a retry hint in seconds where one is known. Errors are mapped only at the edges.
+"""
+
+from __future__ import annotations
+
+
+class EmbedServiceError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def to_openai(self) -> dict:
+        """The body OpenAI answers errors with."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ConfigError(EmbedServiceError):
+    code = "configuration_error"
+
+
+class InvalidRequest(EmbedServiceError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class UnknownModel(InvalidRequest):
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: list[str]):
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it. Known models: {', '.join(known)}.",
+            param="model",
+        )
+
+
+class Unauthorized(EmbedServiceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ServiceOverloaded(EmbedServiceError):
+    """The service sheds load: the shared rate-limit budget is spent for longer than a caller may wait."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+    retryable = True
+
+
+class TransientError(EmbedServiceError):
+    """Worth retrying later: the cause is outside the request."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+    retryable = True
+
+
+class ProviderError(TransientError):
+    """A provider failed in a way another provider (or a later try) may not."""
+
+    code = "provider_error"
+
+
+class ProviderRateLimited(ProviderError):
+    code = "provider_rate_limited"
+
+
+class ProviderTimeout(ProviderError):
+    code = "provider_timeout"
+
+
+class ProviderRejected(EmbedServiceError):
+    """The provider refused the request itself (4xx other than 429): retrying cannot help."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "provider_rejected"
+
+
+class AllProvidersFailed(TransientError):
+    code = "all_providers_failed"
+
+
+class LedgerUnavailable(TransientError):
+    code = "rate_limit_ledger_unavailable"
+
+
+class VectorStoreUnavailable(TransientError):
+    code = "vector_store_unavailable"
+
+
+class PermanentMessageError(EmbedServiceError):
+    """A queue message that can never succeed (bad schema, unknown version): straight to the DLQ."""
+
+    code = "invalid_message"

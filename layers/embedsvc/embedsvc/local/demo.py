@@ -1,0 +1,229 @@
+"""`make demo`: the service's main job on the embedded defaults, end to end.
+
+1. embeds Bible verses through the API with the official `openai` SDK (progress shown);
+2. embeds them again: every vector now comes from the cache, at no provider cost;
+3. indexes them through IndexQueue -> worker -> Qdrant (local mode, on disk);
+4. runs a few semantic queries against Qdrant;
+5. evaluates retrieval on the OpenBible topical ground truth (when the evaluation package is present);
+6. prints tokens and cost by source.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from embedsvc.local.stack import ROOT, LocalStack
+
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_BOOKS = ("Ruth", "Jonah", "John", "Rom", "Phil", "Jas", "1John", "Ps")
+QUERIES = (
+    "God's faithfulness even when we are unfaithful",
+    "do not be anxious about anything",
+    "love your neighbour as yourself",
+    "faith without works is dead",
+    "the Lord is my shepherd",
+)
+BATCH = 256
+
+
+def load_verses(path: Path, books: tuple[str, ...] | None) -> list[dict]:
+    """Verses with text (this translation leaves a few empty), optionally only some books (OSIS names)."""
+    verses = []
+    with path.open() as fh:
+        for line in fh:
+            verse = json.loads(line)
+            if verse["text"].strip() and (books is None or verse["osis_book"] in books):
+                verses.append(verse)
+    return verses
+
+
+def progress(done: int, total: int, started: float, label: str) -> None:
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:,.0f}/s)")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def embed_through_api(client, verses: list[dict], model: str, label: str) -> tuple[int, int]:
+    """Embed every verse via POST /v1/embeddings; returns (tokens, cache hits)."""
+    started, done, tokens, hits = time.perf_counter(), 0, 0, 0
+    for chunk in batches(verses, BATCH):
+        raw = client.embeddings.with_raw_response.create(
+            model=model,
+            input=[v["text"] for v in chunk],
+            extra_headers={"X-Cost-Source": "verse_index", "X-Task-Id": "demo"},
+        )
+        response = raw.parse()
+        tokens += response.usage.prompt_tokens
+        hits += int(raw.headers.get("x-cache-hits", 0))
+        done += len(chunk)
+        progress(done, len(verses), started, label)
+    return tokens, hits
+
+
+def run(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="embedsvc demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--all", action="store_true", help="embed all 31,102 verses (default: a few books)")
+    parser.add_argument(
+        "--books", default=",".join(DEFAULT_BOOKS), help="OSIS book names (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--verses", type=Path, default=DATA / "bible" / "bsb_verses.jsonl", help="verses JSONL"
+    )
+    parser.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="model name or key (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT / ".local" / "demo", help="local state (default: %(default)s)"
+    )
+    parser.add_argument("--skip-eval", action="store_true", help="skip the retrieval evaluation step")
+    args = parser.parse_args(argv)
+
+    from openai import OpenAI
+
+    if not args.verses.exists():
+        print(
+            f"error: verses file not found: {args.verses} (expected ../shared/data beside the repository)",
+            file=sys.stderr,
+        )
+        return 2
+    books = None if args.all else tuple(b.strip() for b in args.books.split(",") if b.strip())
+    verses = load_verses(args.verses, books)
+    if not verses:
+        print(f"error: no verses for books {books}", file=sys.stderr)
+        return 2
+    print(
+        f"Embedding service demo: {len(verses):,} verses ({'all books' if books is None else ', '.join(books)})"
+    )
+    import shutil
+
+    shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh run every time: cold cache, empty collection
+    with LocalStack(args.workdir, run_poller=False) as stack:
+        client = OpenAI(base_url=stack.api_url, api_key=stack.api_key)
+        print(f"\n1. API at {stack.api_url} (official openai SDK, default settings)")
+        t0 = time.perf_counter()
+        tokens, hits = embed_through_api(client, verses, args.model, "first pass ")
+        first = time.perf_counter() - t0
+        print(f"   {len(verses):,} vectors, {tokens:,} tokens, {hits} cache hits, {first:.1f}s")
+        print("\n2. The same verses again: every vector comes from the cache")
+        t0 = time.perf_counter()
+        _, hits = embed_through_api(client, verses, args.model, "second pass")
+        print(
+            f"   {hits:,}/{len(verses):,} cache hits, {time.perf_counter() - t0:.1f}s (first pass {first:.1f}s)"
+        )
+
+        print("\n3. Indexing through IndexQueue -> EmbedWorkerFunction -> Qdrant")
+        index_through_queue(stack, verses)
+
+        print("\n4. Semantic search (query embedded through the API, searched in Qdrant)")
+        search_examples(client, args.model, verses)
+
+        if not args.skip_eval:
+            print("\n5. Retrieval quality on OpenBible topics (weak, crowd-made ground truth)")
+            evaluate_topics(verses)
+
+        print("\n6. Tokens and cost by source")
+        print_costs()
+    return 0
+
+
+def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
+    from embedsvc import container
+    from embedsvc.adapters.aws import client as aws_client
+
+    sqs = aws_client("sqs")
+    queue_url = container.settings().index_queue_url
+    started = time.perf_counter()
+    for chunk in batches(verses, 10):
+        entries = [
+            {
+                "Id": str(i),
+                "MessageBody": json.dumps(
+                    {
+                        "schema_version": 1,
+                        "content_type": "verse",
+                        "id": v["id"],
+                        "text": v["text"],
+                        "metadata": {
+                            "book": v["book"],
+                            "chapter": v["chapter"],
+                            "verse": v["verse"],
+                            "translation": "BSB",
+                        },
+                        "source": "verse_index",
+                        "task_id": "demo-index",
+                        "priority": "bulk",
+                    }
+                ),
+            }
+            for i, v in enumerate(chunk)
+        ]
+        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+    poller = stack.make_poller()
+    sys.stderr.write(
+        f"  queued {len(verses):,} messages; worker batch size {poller.batch_size}, window {poller.window}s\n"
+    )
+    store = container.vector_store()
+    delivered = 0
+    while True:
+        count = poller.poll_once()
+        delivered += count
+        progress(min(delivered, len(verses)), len(verses), started, "indexing   ")
+        if count == 0:
+            break
+    collection = "verse_" + container.settings().models_for("verse")[0]
+    print(
+        f"   {store.count(collection):,} points in collection {collection}, {poller.batches} worker batches, "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+
+
+def search_examples(client, model: str, verses: list[dict]) -> None:
+    from embedsvc import container
+
+    text_by_id = {v["id"]: v["text"] for v in verses}
+    store = container.vector_store()
+    collection = "verse_" + container.settings().models_for("verse")[0]
+    for query in QUERIES:
+        vector = client.embeddings.create(model=model, input=query).data[0].embedding
+        hits = store.search(collection, vector, limit=3)
+        print(f'   "{query}"')
+        for hit in hits:
+            text = text_by_id.get(hit.id, "")
+            print(f"     {hit.score:.3f}  {hit.id:<12} {text[:90]}{'...' if len(text) > 90 else ''}")
+
+
+def evaluate_topics(verses: list[dict]) -> None:
+    try:
+        from embedsvc.services.evaluation.demo import evaluate_bible_topics
+    except ImportError:
+        print("   (evaluation package not available)")
+        return
+    evaluate_bible_topics(DATA / "bible_eval" / "topics", {v["id"] for v in verses})
+
+
+def print_costs() -> None:
+    from embedsvc import container
+
+    totals = container.costs().totals()
+    print(f"   {'source':<14}{'model':<10}{'requests':>10}{'tokens':>12}{'cost USD':>12}")
+    for (source, model), t in sorted(totals.items()):
+        print(f"   {source:<14}{model:<10}{t.requests:>10,}{t.tokens:>12,}{t.cost_usd:>12.6f}")
+    if not totals:
+        print("   (no provider calls)")

@@ -1,0 +1,195 @@
+"""The embedded default: the whole service on one machine, with no AWS account and no Docker.
+
+moto in server mode stands in for DynamoDB, SQS, SSM, Secrets Manager and CloudWatch; Qdrant runs in
+local mode on disk; the local model embeds; a small HTTP server plays API Gateway and a poller plays
+the SQS event source mapping. The real handlers run behind both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from contextlib import closing
+from pathlib import Path
+
+from embedsvc.local.lambda_context import LocalLambdaContext
+
+ROOT = Path(__file__).resolve().parents[4]  # the repository: layers/embedsvc/embedsvc/local/stack.py -> root
+DEFAULT_API_KEY = "sk-local-dev-key"
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_environment(moto_url: str, workdir: Path, *, qdrant_in_memory: bool = False) -> dict[str, str]:
+    """The environment the handlers read, pointing every AWS client at the moto server."""
+    return {
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "STAGE": "local",
+        "CACHE_TABLE": "embedsvc-local-cache",
+        "LEDGER_TABLE": "embedsvc-local-ratelimit",
+        "API_KEYS_TABLE": "embedsvc-local-api-keys",
+        "QDRANT_PATH": "" if qdrant_in_memory else str(workdir / "qdrant"),
+        "POWERTOOLS_SERVICE_NAME": "embedsvc",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def bootstrap(api_key: str) -> dict[str, str]:
+    """Create what template.yaml creates (tables, queues) and register the local API key."""
+    from embedsvc import container
+    from embedsvc.adapters.aws import client
+    from embedsvc.adapters.cache import create_cache_table
+    from embedsvc.services.auth import create_api_keys_table
+    from embedsvc.services.ratelimit import create_ledger_table
+
+    settings = container.settings()
+    dynamodb, sqs = client("dynamodb"), client("sqs")
+    create_cache_table(dynamodb, settings.cache_table)
+    create_ledger_table(dynamodb, settings.ledger_table)
+    create_api_keys_table(dynamodb, settings.api_keys_table)
+    dlq_url = sqs.create_queue(QueueName="embedsvc-local-index-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    queue_url = sqs.create_queue(
+        QueueName="embedsvc-local-index",
+        Attributes={
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )["QueueUrl"]
+    container.api_keys().create(tenant_id="local", user_id="local-user", name="local", key=api_key)
+    return {"INDEX_QUEUE_URL": queue_url, "INDEX_DLQ_URL": dlq_url}
+
+
+class LocalStack:
+    """`with LocalStack() as stack:` starts moto, creates the resources and points the package at them."""
+
+    def __init__(
+        self,
+        workdir: Path | str = ROOT / ".local",
+        *,
+        api_key: str | None = None,
+        port: int | None = None,
+        serve_api: bool = True,
+        run_poller: bool = False,
+        qdrant_in_memory: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self.workdir = Path(workdir)
+        self.api_key = api_key or os.environ.get("LOCAL_API_KEY") or DEFAULT_API_KEY
+        self.port = port
+        self.serve_api = serve_api
+        self.run_poller = run_poller
+        self.qdrant_in_memory = qdrant_in_memory
+        self.extra_env = extra_env or {}
+        self.gateway = None
+        self.poller = None
+        self._moto = None
+        self._saved_env: dict[str, str | None] = {}
+
+    def _set_env(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def start(self) -> LocalStack:
+        from moto.server import ThreadedMotoServer
+
+        from embedsvc.config import reset_settings
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))  # the handlers live in functions/, beside the layer
+        moto_port = free_port()
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+        self._moto.start()
+        self._set_env(
+            local_environment(
+                f"http://127.0.0.1:{moto_port}", self.workdir, qdrant_in_memory=self.qdrant_in_memory
+            )
+        )
+        self._set_env(self.extra_env)
+        reset_settings()
+        self._set_env(bootstrap(self.api_key))
+        reset_settings()
+        emf_log = self.workdir / "emf.jsonl"
+        from embedsvc import container
+        from embedsvc.observability import CostRecorder
+
+        def to_file(blob: dict) -> None:
+            with emf_log.open("a") as fh:
+                fh.write(json.dumps(blob) + "\n")
+
+        container.put("costs", CostRecorder(namespace=container.settings().metrics_namespace, sink=to_file))
+        if self.serve_api:
+            from embedsvc.local.gateway import LocalGateway
+            from functions.api.app import lambda_handler as api_handler
+            from functions.authorizer.app import lambda_handler as authorizer_handler
+
+            self.gateway = LocalGateway(
+                api_handler, authorizer_handler, port=self.port if self.port is not None else 0
+            ).start()
+        if self.run_poller:
+            self.poller = self.make_poller().start()
+        return self
+
+    def make_poller(self):
+        """A poller for IndexQueue with the batch settings of template.yaml."""
+        from embedsvc.adapters.aws import client
+        from embedsvc.local.poller import SqsPoller, event_source_settings
+        from functions.embed_worker.app import lambda_handler as worker_handler
+
+        batch_size, window = event_source_settings(ROOT / "template.yaml")
+        return SqsPoller(
+            client("sqs"),
+            os.environ["INDEX_QUEUE_URL"],
+            worker_handler,
+            batch_size=batch_size,
+            window_seconds=window,
+        )
+
+    @property
+    def api_url(self) -> str:
+        assert self.gateway is not None, "the API is not served"
+        return self.gateway.url + "/v1"
+
+    def stop(self) -> None:
+        from embedsvc.config import reset_settings
+
+        if self.poller:
+            self.poller.stop()
+        if self.gateway:
+            self.gateway.stop()
+        reset_settings()
+        if self._moto:
+            self._moto.stop()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_settings()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["LocalStack", "LocalLambdaContext", "DEFAULT_API_KEY", "free_port"]

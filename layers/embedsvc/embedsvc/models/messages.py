@@ -1,0 +1,41 @@
+"""The IndexQueue message schema (versioned). Producers: see README, "Queue messages"."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+CURRENT_SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+
+
+class IndexMessageV1(BaseModel):
+    """Ask for one piece of content to be (re)embedded into its collections, or removed from them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    content_type: Name  # e.g. "verse", "note"; collections are `{content_type}_{model_key}`
+    id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    text: str | None = None  # absent: loaded from the content store
+    owner_id: str | None = None  # tenant that owns the content; None for shared content (verses)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    source: Name = "reindex"  # cost center: note_index, verse_index, reindex, backfill, ...
+    task_id: str | None = None
+    priority: Literal["realtime", "bulk"] = "bulk"
+    models: list[str] | None = (
+        None  # target model keys; None -> the content type's active (and shadow) models
+    )
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))  # newer wins
+    delete: bool = False
+
+    def updated_at_epoch_ms(self) -> int:
+        at = self.updated_at if self.updated_at.tzinfo else self.updated_at.replace(tzinfo=UTC)
+        return int(at.timestamp() * 1000)
+
+
+IndexMessage = IndexMessageV1

@@ -1,0 +1,196 @@
+"""The embedding service: validate, count, consult the cache, split, route, record cost, assemble."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedsvc.config import ModelSpec, Registry
+from embedsvc.errors import EmbedServiceError, InvalidRequest
+from embedsvc.models.api import MAX_INPUTS
+from embedsvc.observability import CallContext, CostRecorder
+from embedsvc.services.batching import RequestLimits, split_requests
+from embedsvc.services.ratelimit import Lane
+from embedsvc.services.tokens import count_tokens, truncate_to_limit
+
+# How long a caller may wait for rate-limit budget before the service sheds the request.
+MAX_WAIT_SECONDS = {Lane.REALTIME: 5.0, Lane.BULK: 60.0}
+
+
+@dataclass
+class EmbedResult:
+    model: ModelSpec
+    vectors: np.ndarray  # (n, dims) float32, in input order
+    prompt_tokens: int  # tokens of every input, as the provider would count them
+    provider_tokens: int  # tokens actually sent to providers (cache hits cost none)
+    cache_hits: int
+    provider_requests: int
+    errors: dict[int, EmbedServiceError] = field(default_factory=dict)  # input index -> why it failed
+
+
+class EmbeddingService:
+    def __init__(self, registry: Registry, router, cache, costs: CostRecorder):
+        self.registry = registry
+        self.router = router
+        self.cache = cache
+        self.costs = costs
+
+    def resolve_dimensions(self, model: ModelSpec, dimensions: int | None) -> int:
+        """The output size: the model's own, or a smaller one where the model supports shortening."""
+        if dimensions is None or dimensions == model.dimensions:
+            return model.dimensions
+        if not model.supports_dimensions:
+            raise InvalidRequest(
+                f"The model '{model.name}' does not support the 'dimensions' parameter.", param="dimensions"
+            )
+        if not 1 <= dimensions <= model.dimensions:
+            raise InvalidRequest(
+                f"'dimensions' must be between 1 and {model.dimensions} for '{model.name}'.",
+                param="dimensions",
+            )
+        return dimensions
+
+    def validate_inputs(self, texts: list[str]) -> None:
+        if not texts:
+            raise InvalidRequest("'input' must not be an empty list.", param="input")
+        if len(texts) > MAX_INPUTS:
+            raise InvalidRequest(
+                f"'input' has {len(texts)} items; at most {MAX_INPUTS} are allowed.", param="input"
+            )
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"'input[{index}]' must be a string.", param="input")
+            if not text.strip():
+                raise InvalidRequest(
+                    f"'input[{index}]' is empty; empty strings cannot be embedded.", param="input"
+                )
+
+    def embed(
+        self,
+        texts: list[str],
+        model: str,
+        *,
+        context: CallContext,
+        lane: Lane = Lane.REALTIME,
+        dimensions: int | None = None,
+        truncate: bool = False,
+    ) -> EmbedResult:
+        """Vectors for every text, or the first failure raised (the API's all-or-nothing contract)."""
+        result = self.embed_partial(
+            texts, model, contexts=[context] * len(texts), lane=lane, dimensions=dimensions, truncate=truncate
+        )
+        if result.errors:
+            raise next(iter(result.errors.values()))
+        return result
+
+    def embed_partial(
+        self,
+        texts: list[str],
+        model: str,
+        *,
+        contexts: list[CallContext],
+        lane: Lane = Lane.REALTIME,
+        dimensions: int | None = None,
+        truncate: bool = False,
+    ) -> EmbedResult:
+        """Vectors for as many texts as possible: a failed provider request fails only its own inputs.
+
+        `contexts` gives each input its cost owner, so one provider request packed from many queue
+        messages still attributes tokens to each message's source, user and task. `truncate` embeds
+        over-long inputs by their head (indexing) instead of rejecting them (the API).
+        """
+        from embedsvc.adapters.cache import cache_key
+
+        spec = self.registry.model(model)
+        dims = self.resolve_dimensions(spec, dimensions)
+        self.validate_inputs(texts)
+        tokens = count_tokens(spec, texts)
+        if truncate:
+            pairs = [truncate_to_limit(spec, text, count) for text, count in zip(texts, tokens, strict=True)]
+            texts, tokens = [p[0] for p in pairs], [p[1] for p in pairs]
+        else:
+            for index, count in enumerate(tokens):
+                if count > spec.max_input_tokens:
+                    raise InvalidRequest(
+                        f"'input[{index}]' has {count} tokens; '{spec.name}' accepts at most {spec.max_input_tokens}.",
+                        param="input",
+                    )
+        keys = [cache_key(spec.key, dims, text) for text in texts]
+        found = self.cache.get_many(keys)
+        # Each distinct missing text is embedded once, even if it repeats in the request.
+        missing: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            if key not in found and key not in missing:
+                missing[key] = index
+        miss_indices = list(missing.values())
+        limits = RequestLimits(
+            spec.max_inputs_per_request, spec.max_tokens_per_request, spec.max_input_tokens
+        )
+        chunks = split_requests([tokens[i] for i in miss_indices], limits)
+        fresh: dict[str, np.ndarray] = {}
+        failed: dict[str, EmbedServiceError] = {}
+        provider_tokens = succeeded = 0
+        for chunk in chunks:
+            positions = [miss_indices[i] for i in chunk.indices]
+            try:
+                routed = self.router.embed(
+                    spec,
+                    [texts[p] for p in positions],
+                    chunk.tokens,
+                    lane=lane,
+                    max_wait_seconds=MAX_WAIT_SECONDS[lane],
+                    dimensions=dims if dims != spec.dimensions else None,
+                )
+            except EmbedServiceError as exc:
+                if not exc.retryable or len(chunks) == 1:
+                    raise
+                failed.update({keys[p]: exc for p in positions})
+                continue
+            used = routed.result.prompt_tokens if routed.result.prompt_tokens is not None else chunk.tokens
+            provider_tokens += used
+            succeeded += 1
+            self._record_cost(spec, routed.provider, used, [(contexts[p], tokens[p]) for p in positions])
+            chunk_vectors = {keys[p]: routed.result.vectors[i] for i, p in enumerate(positions)}
+            fresh.update(chunk_vectors)
+            # Cache each chunk as it lands, so a failure in a later chunk does not waste this one.
+            self.cache.put_many(chunk_vectors)
+        vectors = np.zeros((len(texts), dims), dtype=np.float32)
+        errors: dict[int, EmbedServiceError] = {}
+        for index, key in enumerate(keys):
+            if key in found:
+                vectors[index] = found[key]
+            elif key in fresh:
+                vectors[index] = fresh[key]
+            else:
+                errors[index] = failed[key]
+        return EmbedResult(
+            model=spec,
+            vectors=vectors,
+            prompt_tokens=sum(tokens),
+            provider_tokens=provider_tokens,
+            cache_hits=sum(1 for key in keys if key in found),
+            provider_requests=succeeded,
+            errors=errors,
+        )
+
+    def _record_cost(
+        self, spec: ModelSpec, provider: str, used: int, owners: list[tuple[CallContext, int]]
+    ) -> None:
+        """Split one provider call's reported tokens among the inputs' owners, in proportion to their tokens."""
+        by_owner: dict[CallContext, int] = {}
+        for owner, count in owners:
+            by_owner[owner] = by_owner.get(owner, 0) + count
+        counted = sum(by_owner.values()) or 1
+        remaining = used
+        for position, (owner, count) in enumerate(by_owner.items()):
+            share = remaining if position == len(by_owner) - 1 else round(used * count / counted)
+            remaining -= share
+            self.costs.record(
+                model=spec.key,
+                provider=provider,
+                tokens=share,
+                price_per_million=spec.price_per_million_tokens,
+                context=owner,
+                requests=1 if position == 0 else 0,
+            )

@@ -1,0 +1,184 @@
+"""POST /v1/embeddings through the real handler, moto, and local OpenAI-compatible providers over HTTP."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from embedsvc.local.provider_sim import Fault, hash_vector
+
+TE3S = "text-embedding-3-small"
+
+
+def test_float_response_has_openai_shape_and_provider_vectors(service, call_api, sim):
+    status, body, _ = call_api({"input": ["hello", "world"], "model": TE3S})
+    assert status == 200
+    assert body["object"] == "list" and body["model"] == TE3S
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    assert np.allclose(body["data"][1]["embedding"], hash_vector("world", 1536), atol=1e-6)
+    assert body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+    assert sim.calls == 1
+
+
+def test_base64_response_decodes_to_float32_vectors(service, call_api):
+    status, body, _ = call_api({"input": "hello", "model": TE3S, "encoding_format": "base64"})
+    assert status == 200
+    vector = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(vector, hash_vector("hello", 1536))
+
+
+def test_model_key_is_accepted_as_well_as_its_name(service, call_api):
+    status, body, _ = call_api({"input": "hello", "model": "te3s"})
+    assert status == 200 and body["model"] == TE3S
+
+
+def test_dimensions_are_passed_to_a_model_that_supports_them(service, call_api, sim):
+    status, body, _ = call_api({"input": "hello", "model": TE3S, "dimensions": 256})
+    assert status == 200
+    assert len(body["data"][0]["embedding"]) == 256
+
+
+def test_429_with_retry_after_is_waited_out_then_succeeds(service, call_api, sim, sim2):
+    sim.inject(Fault(status=429, headers={"retry-after-ms": "300"}))
+    status, body, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert [r.status for r in sim.records] == [429, 200]
+    assert sim2.calls == 0  # a 429 is waited out at the same provider, not a reason to switch
+    assert sim.records[1].at - sim.records[0].at >= 0.29  # the ledger's cooldown held the retry back
+
+
+def test_500_falls_back_to_the_next_provider_of_the_same_model(service, call_api, sim, sim2):
+    sim.inject(Fault(status=500))
+    status, body, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert [r.status for r in sim.records] == [500]
+    assert [r.model for r in sim2.records] == [TE3S]
+    assert np.allclose(body["data"][0]["embedding"], hash_vector("hello", 1536), atol=1e-6)
+
+
+def test_timeout_falls_back_to_the_next_provider(service, call_api, sim, sim2):
+    sim.inject(Fault(delay_seconds=3.0))  # the provider's timeout is 2 s
+    status, _, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert sim2.calls == 1
+
+
+def test_all_providers_failing_is_a_503_with_openai_error(service, call_api, sim, sim2):
+    sim.inject(Fault(status=500))
+    sim2.inject(Fault(status=502))
+    status, body, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 503
+    assert body["error"]["code"] == "all_providers_failed"
+
+
+def test_provider_rejecting_the_request_is_not_retried_elsewhere(service, call_api, sim, sim2):
+    sim.inject(Fault(status=400, message="bad input"))
+    status, body, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 400
+    assert body["error"]["code"] == "provider_rejected"
+    assert sim2.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"input": "", "model": TE3S}, "input", "empty"),
+        ({"input": ["ok", "  "], "model": TE3S}, "input", "input[1]"),
+        ({"input": [], "model": TE3S}, "input", "empty list"),
+        ({"input": ["x"] * 2049, "model": TE3S}, "input", "at most 2048"),
+        ({"input": "word " * 9000, "model": TE3S}, "input", "at most 8192"),
+        ({"input": ["ok", 3], "model": TE3S}, "input", "array of non-empty strings"),
+        ({"input": [[1, 2, 3]], "model": TE3S}, "input", "array of non-empty strings"),
+        ({"input": "hi", "model": "gpt-nope"}, "model", "does not exist"),
+        ({"input": "hi", "model": "small-test-model", "dimensions": 4}, "dimensions", "does not support"),
+        ({"input": "hi", "model": TE3S, "dimensions": 4096}, "dimensions", "between 1 and 1536"),
+        ({"input": "hi", "model": TE3S, "encoding_format": "int8"}, "encoding_format", "encoding_format"),
+        ({"model": TE3S}, "input", "input"),
+    ],
+)
+def test_bad_input_is_a_400_in_openai_shape_without_a_provider_call(
+    service, call_api, sim, body, param, fragment
+):
+    status, answer, _ = call_api(body)
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert sim.calls == 0
+
+
+def test_malformed_json_is_a_400(service, call_api, sim):
+    status, answer, _ = call_api("{not json", raw=True)
+    assert status == 400
+    assert "parse the JSON" in answer["error"]["message"]
+    assert sim.calls == 0
+
+
+def test_unknown_route_is_a_404_in_openai_shape(service, call_api):
+    status, answer, _ = call_api({}, path="/v1/nothing", method="GET")
+    assert status == 404 and "Unknown route" in answer["error"]["message"]
+
+
+def test_cache_hit_makes_no_provider_call_and_costs_nothing(service, call_api, sim, emf):
+    call_api({"input": ["alpha", "beta"], "model": TE3S})
+    assert sim.calls == 1
+    emitted = len(emf)
+    status, body, headers = call_api({"input": ["beta", "alpha"], "model": TE3S})
+    assert status == 200
+    assert sim.calls == 1
+    assert headers["x-cache-hits"] == "2"
+    assert len(emf) == emitted  # no provider call, no cost event
+    assert np.allclose(body["data"][0]["embedding"], hash_vector("beta", 1536), atol=1e-6)
+
+
+def test_cache_survives_a_cold_process(service, call_api, sim):
+    call_api({"input": "alpha", "model": TE3S})
+    service.cache().flush()
+    service.cache().clear_memory()  # a new Lambda container: only DynamoDB remembers
+    call_api({"input": "alpha", "model": TE3S})
+    assert sim.calls == 1
+
+
+def test_repeated_text_in_one_request_is_embedded_once(service, call_api, sim):
+    status, body, _ = call_api({"input": ["same", "same", "other"], "model": TE3S})
+    assert status == 200 and len(body["data"]) == 3
+    assert sim.records[0].inputs == 2
+
+
+def test_cost_metric_carries_source_and_model_dimensions_and_user_properties(service, call_api, emf):
+    call_api(
+        {"input": "hello there", "model": TE3S}, headers={"X-Cost-Source": "note_index", "X-Task-Id": "job-7"}
+    )
+    (blob,) = emf
+    directive = blob["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Dimensions"] == [["source", "model"]]
+    assert {m["Name"] for m in directive["Metrics"]} == {"Tokens", "CostUSD", "ProviderRequests"}
+    assert blob["source"] == "note_index" and blob["model"] == "te3s"
+    # Powertools writes metric values as lists (one entry per data point).
+    assert blob["Tokens"] == [2]
+    assert blob["CostUSD"] == [pytest.approx(2 * 0.02 / 1e6)]
+    assert blob["user_id"] == "user-1" and blob["tenant_id"] == "tenant-a" and blob["task_id"] == "job-7"
+
+
+def test_source_defaults_to_user_query_and_user_cannot_be_set_from_the_body(service, call_api, emf):
+    call_api({"input": "hello", "model": TE3S, "user": "someone-else"})
+    assert emf[0]["source"] == "user_query"
+    assert emf[0]["user_id"] == "user-1"
+
+
+def test_models_route_lists_the_registry(service, call_api):
+    status, body, _ = call_api(None, path="/v1/models", method="GET", raw=True)
+    assert status == 200
+    assert {m["id"] for m in body["data"]} == {TE3S, "small-test-model"}
+
+
+def test_large_request_is_split_at_the_models_limits(service, call_api, sim):
+    # small-test-model: at most 4 inputs and 200 tokens per request.
+    texts = [f"text number {i}" for i in range(10)]
+    status, body, _ = call_api({"input": texts, "model": "small-test-model"})
+    assert status == 200 and len(body["data"]) == 10
+    assert [r.inputs for r in sim.records] == [4, 4, 2]
+    assert np.allclose(body["data"][9]["embedding"], hash_vector("text number 9", 8), atol=1e-6)
