@@ -176,6 +176,9 @@ class Settings(BaseModel):
     qdrant_url: str | None = None  # a Qdrant server; else local mode below
     qdrant_path: str | None = None  # Qdrant local mode on disk; None and no url -> in memory
     qdrant_api_key_secret: str | None = None  # Secrets Manager id of the Qdrant server's API key
+    # The worker skips the shared embedding cache by default: a collection's content hash already skips
+    # unchanged text, a backfill for a new model never hits, and caching 500k vectors costs real DynamoDB money.
+    worker_use_cache: bool = False
     bulk_ceiling: float = Field(
         default=0.8, gt=0, le=1
     )  # share of a limit bulk work may use while users are active
@@ -218,6 +221,7 @@ class Settings(BaseModel):
             "QDRANT_PATH": "qdrant_path",
             "QDRANT_API_KEY_SECRET": "qdrant_api_key_secret",
             "BULK_CEILING": "bulk_ceiling",
+            "WORKER_USE_CACHE": "worker_use_cache",
         }
         if raw_models := env.get("CONTENT_MODELS"):
             try:

@@ -26,6 +26,12 @@ def collection_name(content_type: str, model_key: str) -> str:
     return f"{content_type}_{model_key}"
 
 
+def _as_list(vector: Sequence[float]) -> list[float]:
+    # numpy's tolist() is several times faster than converting element by element.
+    tolist = getattr(vector, "tolist", None)
+    return tolist() if callable(tolist) else [float(x) for x in vector]
+
+
 @dataclass
 class Point:
     id: str
@@ -41,8 +47,9 @@ class Hit:
 
 
 class VectorStore:
-    def __init__(self, client):
+    def __init__(self, client, *, local: bool = False):
         self.client = client
+        self.local = local
         self._known: set[str] = set()
         self._lock = threading.Lock()
 
@@ -55,7 +62,7 @@ class VectorStore:
 
         if url:
             return cls(QdrantClient(url=url, api_key=api_key, timeout=30))
-        return cls(QdrantClient(path=path) if path else QdrantClient(location=":memory:"))
+        return cls(QdrantClient(path=path) if path else QdrantClient(location=":memory:"), local=True)
 
     def close(self) -> None:
         self.client.close()
@@ -84,7 +91,8 @@ class VectorStore:
                     name,
                     vectors_config=models.VectorParams(size=dimensions, distance=models.Distance.COSINE),
                 )
-                for field in ("id", "owner_id"):
+                # Local mode ignores payload indexes (and warns); a server uses them for tenant filters.
+                for field in ("id", "owner_id") if not self.local else ():
                     self._call(
                         "create_payload_index",
                         self.client.create_payload_index,
@@ -117,9 +125,7 @@ class VectorStore:
 
         if not points:
             return
-        structs = [
-            models.PointStruct(id=p.id, vector=list(map(float, p.vector)), payload=p.payload) for p in points
-        ]
+        structs = [models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=p.payload) for p in points]
         self._call("upsert", self.client.upsert, collection, points=structs, wait=True)
 
     def delete(self, collection: str, point_ids: Sequence[str]) -> None:
@@ -155,7 +161,7 @@ class VectorStore:
             "query_points",
             self.client.query_points,
             collection,
-            query=list(map(float, vector)),
+            query=_as_list(vector),
             limit=limit,
             query_filter=query_filter,
             with_payload=True,

@@ -93,12 +93,14 @@ class EmbeddingService:
         lane: Lane = Lane.REALTIME,
         dimensions: int | None = None,
         truncate: bool = False,
+        use_cache: bool = True,
     ) -> EmbedResult:
         """Vectors for as many texts as possible: a failed provider request fails only its own inputs.
 
         `contexts` gives each input its cost owner, so one provider request packed from many queue
         messages still attributes tokens to each message's source, user and task. `truncate` embeds
-        over-long inputs by their head (indexing) instead of rejecting them (the API).
+        over-long inputs by their head (indexing) instead of rejecting them (the API). `use_cache`
+        off skips the shared cache entirely (bulk indexing, where the collection's hash is the cache).
         """
         from embedsvc.adapters.cache import cache_key
 
@@ -117,7 +119,7 @@ class EmbeddingService:
                         param="input",
                     )
         keys = [cache_key(spec.key, dims, text) for text in texts]
-        found = self.cache.get_many(keys)
+        found = self.cache.get_many(keys) if use_cache else {}
         # Each distinct missing text is embedded once, even if it repeats in the request.
         missing: dict[str, int] = {}
         for index, key in enumerate(keys):
@@ -154,7 +156,8 @@ class EmbeddingService:
             chunk_vectors = {keys[p]: routed.result.vectors[i] for i, p in enumerate(positions)}
             fresh.update(chunk_vectors)
             # Cache each chunk as it lands, so a failure in a later chunk does not waste this one.
-            self.cache.put_many(chunk_vectors)
+            if use_cache:
+                self.cache.put_many(chunk_vectors)
         vectors = np.zeros((len(texts), dims), dtype=np.float32)
         errors: dict[int, EmbedServiceError] = {}
         for index, key in enumerate(keys):

@@ -202,7 +202,12 @@ class Indexer:
             ]
             try:
                 result = self.embeddings.embed_partial(
-                    texts, model_key, contexts=contexts, lane=lane, truncate=True
+                    texts,
+                    model_key,
+                    contexts=contexts,
+                    lane=lane,
+                    truncate=True,
+                    use_cache=self.settings.worker_use_cache,
                 )
             except UnknownModel as exc:
                 failed.update({u.message_id: exc.message for u in members})

@@ -47,7 +47,8 @@ def _counter(spec: ModelSpec) -> Callable[[Sequence[str]], list[int]]:
                 enc = _cl100k()
         except Exception:  # no tokenizer file: fall back to the estimate rather than fail the request
             return lambda texts: [estimate_tokens(t) for t in texts]
-        return lambda texts: [len(ids) for ids in enc.encode_ordinary_batch(list(texts))]
+        # A plain loop: encode_ordinary_batch's thread pool costs ten times more than it saves on short texts.
+        return lambda texts: [len(enc.encode_ordinary(text)) for text in texts]
     if spec.tokenizer == "local":
         try:
             with _lock:
