@@ -65,7 +65,7 @@ def list_models():
 
 @app.exception_handler(RequestValidationError)
 def handle_validation(exc: RequestValidationError) -> Response:
-    return validation_error_response(exc.errors())
+    return validation_error_response(list(exc.errors()))
 
 
 @app.exception_handler(EmbedServiceError)

@@ -182,3 +182,25 @@ def test_large_request_is_split_at_the_models_limits(service, call_api, sim):
     assert status == 200 and len(body["data"]) == 10
     assert [r.inputs for r in sim.records] == [4, 4, 2]
     assert np.allclose(body["data"][9]["embedding"], hash_vector("text number 9", 8), atol=1e-6)
+
+
+def test_spent_rate_limit_budget_sheds_load_with_429_and_retry_after(aws, sim, emf, monkeypatch, call_api):
+    import json
+
+    from embedsvc import container
+    from embedsvc.config import reset_settings
+    from embedsvc.observability import CostRecorder
+    from tests.conftest import sim_registry
+
+    # A provider that grants 5 requests a minute; the service may wait only 0.2 s for budget.
+    monkeypatch.setenv("EMBEDSVC_REGISTRY", json.dumps(sim_registry(sim, rpm=5)))
+    monkeypatch.setenv("REALTIME_MAX_WAIT_SECONDS", "0.2")
+    reset_settings()
+    container.put("costs", CostRecorder(sink=emf.append))
+    for i in range(5):
+        assert call_api({"input": f"text {i}", "model": TE3S})[0] == 200
+    status, body, headers = call_api({"input": "one too many", "model": TE3S})
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["retry-after"]) >= 1
+    assert sim.calls == 5  # the ledger said no before the provider could

@@ -182,6 +182,9 @@ class Settings(BaseModel):
     bulk_ceiling: float = Field(
         default=0.8, gt=0, le=1
     )  # share of a limit bulk work may use while users are active
+    # How long a caller may wait for rate-limit budget before the service sheds it (API: 429; worker: retry).
+    realtime_max_wait_seconds: float = Field(default=5.0, ge=0)
+    bulk_max_wait_seconds: float = Field(default=60.0, ge=0)
     max_body_bytes: int = 6 * 1024 * 1024  # the Lambda synchronous payload limit
     registry: Registry
 
@@ -221,6 +224,8 @@ class Settings(BaseModel):
             "QDRANT_PATH": "qdrant_path",
             "QDRANT_API_KEY_SECRET": "qdrant_api_key_secret",
             "BULK_CEILING": "bulk_ceiling",
+            "REALTIME_MAX_WAIT_SECONDS": "realtime_max_wait_seconds",
+            "BULK_MAX_WAIT_SECONDS": "bulk_max_wait_seconds",
             "WORKER_USE_CACHE": "worker_use_cache",
         }
         if raw_models := env.get("CONTENT_MODELS"):

@@ -99,8 +99,11 @@ def router():
 def embedding_service():
     def build():
         from embedsvc.services.embedding import EmbeddingService
+        from embedsvc.services.ratelimit import Lane
 
-        return EmbeddingService(settings().registry, router(), cache(), costs())
+        s = settings()
+        waits = {Lane.REALTIME: s.realtime_max_wait_seconds, Lane.BULK: s.bulk_max_wait_seconds}
+        return EmbeddingService(s.registry, router(), cache(), costs(), max_wait_seconds=waits)
 
     return _get("embedding_service", build)
 

@@ -58,7 +58,7 @@ class CostRecorder:
         """Emit one provider call's tokens and cost (or one owner's share of it); returns the cost in dollars."""
         cost = tokens * price_per_million / 1_000_000
         emf = AmazonCloudWatchEMFProvider(namespace=self.namespace)
-        emf.service = None  # no implicit "service" dimension: dimensions stay (source, model)
+        emf.service = None  # type: ignore[assignment]  # no implicit "service" dimension: dimensions stay (source, model)
         emf.add_dimension("source", context.source)
         emf.add_dimension("model", model)
         emf.add_metric("Tokens", MetricUnit.Count, tokens)
@@ -72,7 +72,7 @@ class CostRecorder:
         ):
             if value:
                 emf.add_metadata(key, value)
-        self.sink(emf.serialize_metric_set())
+        self.sink(dict(emf.serialize_metric_set()))
         with self._lock:
             totals = self._totals[(context.source, model)]
             totals.requests += requests

@@ -28,6 +28,7 @@ QUERIES = (
     "the Lord is my shepherd",
 )
 BATCH = 256
+WAVE = 500  # index messages produced before the local worker drains them
 
 
 def load_verses(path: Path, books: tuple[str, ...] | None) -> list[dict]:
@@ -143,50 +144,45 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def index_message(verse: dict) -> str:
+    return json.dumps(
+        {
+            "schema_version": 1,
+            "content_type": "verse",
+            "id": verse["id"],
+            "text": verse["text"],
+            "metadata": {"book": verse["book"], "chapter": verse["chapter"], "verse": verse["verse"], "translation": "BSB"},
+            "source": "verse_index",
+            "task_id": "demo-index",
+            "priority": "bulk",
+        }
+    )
+
+
 def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
     from embedsvc import container
     from embedsvc.adapters.aws import client as aws_client
 
     sqs = aws_client("sqs")
     queue_url = container.settings().index_queue_url
-    started = time.perf_counter()
-    for chunk in batches(verses, 10):
-        entries = [
-            {
-                "Id": str(i),
-                "MessageBody": json.dumps(
-                    {
-                        "schema_version": 1,
-                        "content_type": "verse",
-                        "id": v["id"],
-                        "text": v["text"],
-                        "metadata": {
-                            "book": v["book"],
-                            "chapter": v["chapter"],
-                            "verse": v["verse"],
-                            "translation": "BSB",
-                        },
-                        "source": "verse_index",
-                        "task_id": "demo-index",
-                        "priority": "bulk",
-                    }
-                ),
-            }
-            for i, v in enumerate(chunk)
-        ]
-        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
     poller = stack.make_poller()
-    sys.stderr.write(
-        f"  queued {len(verses):,} messages; worker batch size {poller.batch_size}, window {poller.window}s\n"
-    )
+    sys.stderr.write(f"  worker batch size {poller.batch_size}, batching window {poller.window}s (from template.yaml)\n")
+    started = time.perf_counter()
+    # Produce in waves and drain each: moto's SQS slows down quadratically with queue depth
+    # (real SQS does not), so the demo keeps the local queue short.
+    done = 0
+    for wave in batches(verses, WAVE):
+        for chunk in batches(wave, 10):
+            entries = [{"Id": str(i), "MessageBody": index_message(v)} for i, v in enumerate(chunk)]
+            sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        delivered = 0
+        # Stop at the wave's size instead of polling an empty queue for a whole batching window.
+        while delivered < len(wave) and (count := poller.poll_once()) > 0:
+            delivered += count
+            done += count
+            progress(min(done, len(verses)), len(verses), started, "indexing   ")
+    poller.drain(idle_polls=1)  # redeliveries of transient failures, if any
     store = container.vector_store()
-    delivered = 0
-    while True:
-        count = poller.poll_once()
-        delivered += count
-        progress(min(delivered, len(verses)), len(verses), started, "indexing   ")
-        if count == 0:
-            break
     collection = "verse_" + container.settings().models_for("verse")[0]
     print(
         f"   {store.count(collection):,} points in collection {collection}, {poller.batches} worker batches, "

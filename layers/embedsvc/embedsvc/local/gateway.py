@@ -67,7 +67,7 @@ class LocalGateway:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> LocalGateway:
         self._thread = threading.Thread(

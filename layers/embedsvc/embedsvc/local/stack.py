@@ -13,6 +13,7 @@ import socket
 import sys
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from embedsvc.local.lambda_context import LocalLambdaContext
 
@@ -97,9 +98,9 @@ class LocalStack:
         self.run_poller = run_poller
         self.qdrant_in_memory = qdrant_in_memory
         self.extra_env = extra_env or {}
-        self.gateway = None
-        self.poller = None
-        self._moto = None
+        self.gateway: Any = None
+        self.poller: Any = None
+        self._moto: Any = None
         self._saved_env: dict[str, str | None] = {}
 
     def _set_env(self, values: dict[str, str]) -> None:
@@ -108,7 +109,11 @@ class LocalStack:
             os.environ[key] = value
 
     def start(self) -> LocalStack:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
 
         from embedsvc.config import reset_settings
 

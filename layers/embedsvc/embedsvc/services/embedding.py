@@ -15,7 +15,7 @@ from embedsvc.services.ratelimit import Lane
 from embedsvc.services.tokens import count_tokens, truncate_to_limit
 
 # How long a caller may wait for rate-limit budget before the service sheds the request.
-MAX_WAIT_SECONDS = {Lane.REALTIME: 5.0, Lane.BULK: 60.0}
+DEFAULT_MAX_WAIT_SECONDS = {Lane.REALTIME: 5.0, Lane.BULK: 60.0}
 
 
 @dataclass
@@ -30,7 +30,10 @@ class EmbedResult:
 
 
 class EmbeddingService:
-    def __init__(self, registry: Registry, router, cache, costs: CostRecorder):
+    def __init__(
+        self, registry: Registry, router, cache, costs: CostRecorder, *, max_wait_seconds: dict[Lane, float] | None = None
+    ):
+        self.max_wait_seconds = max_wait_seconds or DEFAULT_MAX_WAIT_SECONDS
         self.registry = registry
         self.router = router
         self.cache = cache
@@ -141,7 +144,7 @@ class EmbeddingService:
                     [texts[p] for p in positions],
                     chunk.tokens,
                     lane=lane,
-                    max_wait_seconds=MAX_WAIT_SECONDS[lane],
+                    max_wait_seconds=self.max_wait_seconds[lane],
                     dimensions=dims if dims != spec.dimensions else None,
                 )
             except EmbedServiceError as exc:

@@ -36,7 +36,9 @@ def load_model():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
 
+            transformers_logging.disable_progress_bar()  # "Loading weights" bars are noise in logs
             _models["minilm"] = SentenceTransformer(model_path(), device="cpu")
         return _models["minilm"]
 

@@ -6,6 +6,7 @@ import email.utils
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class OpenAIHttpProvider:
         self.key = spec.key
         self.spec = spec
         self._api_key = api_key
-        self._client = None
+        self._client: Any = None
         self._lock = threading.Lock()
 
     def _resolve_api_key(self) -> str:
