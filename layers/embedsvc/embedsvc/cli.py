@@ -29,7 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from embedsvc.local.demo import run
 
-    return run(args.demo_args)
+    demo_args = list(args.demo_args)
+    if demo_args[:1] == ["--"]:
+        demo_args = demo_args[1:]
+    return run(demo_args)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -138,11 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        add_eval_parser(commands)
+
+        def cmd_eval(args: argparse.Namespace) -> int:
+            from embedsvc.services.evaluation.service import run_cli
+
+            return run_cli(args)
+
+        add_eval_parser(commands).set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        # The demo has its own parser (and --help); hand it everything after the command.
+        return cmd_demo(argparse.Namespace(demo_args=argv[1:]))
     args = build_parser().parse_args(argv)
     from embedsvc.errors import EmbedServiceError
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -33,8 +34,8 @@ Measure retrieval quality of one embedding model on a ground truth, with trec_ev
 and Hit@5, averaged over the queries that have at least one relevant document.
 
 Steps: load the ground truth -> embed and index the corpus into a collection (skipped without
---corpus: the collection must then exist) -> search every query -> score -> optionally store the run,
-compare it with the baseline of its (content type, ground truth), write a TREC run file and a chart.
+--corpus: the collection must then exist) -> search every query -> score -> store the run, compare it
+with the baseline of its (content type, ground truth) -> optionally write a TREC run file and a chart.
 
 Ground truth, either:
   * BEIR files: --queries queries.jsonl ({"_id","text"}) and --qrels qrels/<split>.tsv
@@ -46,6 +47,14 @@ Ground truth, either:
     (relevant_passages may also be {id: grade})
     ("id" optional: q1..qN by line). Known-irrelevant passages found in the top 10 are reported.
   * Bible verses as a corpus: --corpus bible/bsb_verses.jsonl ({"id","text",...}).
+
+Where it runs: by default on the embedded local stack (moto for DynamoDB/SQS, Qdrant local mode on
+disk under --workdir, the local model), so it needs no AWS account; a second run finds the corpus
+already indexed and only searches. With --aws it uses the environment's configuration instead
+(AWS credentials and region, QDRANT_URL or QDRANT_PATH, EMBEDSVC_REGISTRY_*, CACHE_TABLE, LEDGER_TABLE).
+Documents are indexed through the worker path (IndexQueue messages of 100, priority bulk, source
+evaluation) into <content_type>_<model>; queries are embedded by the router and searched in the
+collection, exactly as users search.
 
 Progress and warnings go to stderr; results go to stdout."""
 
@@ -70,11 +79,15 @@ examples:
   # a JSON-lines ground truth against a collection the service already keeps
   embedsvc eval --queries ground_truth.jsonl --model te3s --collection verses_te3s
 
+  # the same on the deployed service (AWS credentials, QDRANT_URL, registry from the environment)
+  embedsvc eval --queries ground_truth.jsonl --model minilm --collection verse_minilm --aws
+
 exit status:
   0  evaluated (and, with a baseline, the gate passed)
   1  the gate failed: a metric dropped by more than --max-drop points with p < --alpha
      (paired randomization test over the per-query values, 10,000 rounds, seed 0)
-  2  bad input (ground truth, options); the message names the file, line and id"""
+  2  bad input (ground truth, options, collection name) or a service error; the message names the
+     file, line and id where there is one"""
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -135,8 +148,23 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     search.add_argument(
         "--collection",
         metavar="NAME",
-        help="vector collection to index into and search. Default: eval_<ground truth>_<model>, e.g. "
-        "eval_scifact_train_minilm. The baseline scope is the collection name without its _<model> suffix.",
+        help="vector collection (or alias) to index into and search. With --corpus it must be named "
+        "<content_type>_<model>, the only collections the worker writes (content type: [a-z][a-z0-9_]*, "
+        "at most 63 characters). Default: eval_<ground truth>_<model>, e.g. eval_scifact_train_minilm. "
+        "The baseline scope is the collection name without its _<model> suffix.",
+    )
+    search.add_argument(
+        "--aws",
+        action="store_true",
+        help="run on the environment's AWS and Qdrant configuration (AWS credentials and region, QDRANT_URL "
+        "or QDRANT_PATH, EMBEDSVC_REGISTRY_*, CACHE_TABLE, LEDGER_TABLE) instead of the embedded local "
+        "stack. Default: off, the local stack under --workdir.",
+    )
+    search.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="local state: the local stack's Qdrant files (so a second run finds the corpus indexed), its "
+        "cost log, and the default --runs-dir. Default: .local/eval in the repository.",
     )
     search.add_argument(
         "--exclude-self",
@@ -170,13 +198,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--runs-dir",
         metavar="DIR",
         help="store the run (JSON + TREC file) in this directory or s3://bucket/prefix, and compare it with "
-        "the baseline stored there for the same content type and ground truth. Default: not stored.",
+        "the baseline stored there for the same content type and ground truth. Default: <workdir>/runs, "
+        "i.e. .local/eval/runs.",
     )
     out.add_argument(
         "--baseline",
         action="store_true",
         help="after comparing, make this run the baseline for its content type and ground truth "
-        "(needs --runs-dir). The exit status still reports the comparison with the previous baseline.",
+        "(kept in --runs-dir). The exit status still reports the comparison with the previous baseline.",
     )
     out.add_argument(
         "--chart",
@@ -221,18 +250,41 @@ def default_collection(ground_truth: str, model_key: str) -> str:
 
 
 class _Progress:
-    """Prints 'label done/total' to stderr about every 10%, so logs stay short."""
+    """Progress on stderr: a redrawn bar on a terminal; else 'label done/total' about every 10%,
+    so logs stay short."""
+
+    WIDTH = 30
 
     def __init__(self, label: str, err: TextIO):
         self.label = label
         self.err = err
         self.last = -1
+        self.started = time.perf_counter()
+        isatty = getattr(err, "isatty", None)
+        self.bar = bool(callable(isatty) and isatty())
 
     def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.started = time.perf_counter()
+        if self.bar:
+            self._draw(done, total)
+            return
         step = done * 10 // total if total else 10
         if step != self.last or done == total:
             self.last = step
             print(f"{self.label} {done}/{total}", file=self.err, flush=True)
+
+    def _draw(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        filled = self.WIDTH * done // total if total else self.WIDTH
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", {(total - done) / rate:.0f}s left" if 0 < done < total and rate > 0 else ""
+        self.err.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} ({rate:,.0f}/s{eta})"
+        )
+        if done >= total:
+            self.err.write(f" {elapsed:.1f}s\n")
+        self.err.flush()
 
 
 def run_eval(
@@ -242,10 +294,16 @@ def run_eval(
     search: CliSearchFn,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    default_runs_dir: str | None = None,
 ) -> int:
-    """Run `embedsvc eval` with injected indexing and search; returns the exit status."""
+    """Run `embedsvc eval` with injected indexing and search; returns the exit status.
+
+    Without --runs-dir the run is stored in `default_runs_dir` (not stored when that is None too).
+    """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    if not args.runs_dir and default_runs_dir:
+        args.runs_dir = default_runs_dir
 
     def info(message: str) -> None:
         print(message, file=err, flush=True)
