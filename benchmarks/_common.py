@@ -34,8 +34,9 @@ def moto_environment(extra: dict[str, str] | None = None):
     os.environ.update(BENCH_ENV)
     os.environ.update(extra or {})
     os.environ.pop("AWS_ENDPOINT_URL", None)
-    from embedsvc.config import reset_settings
     from moto import mock_aws
+
+    from embedsvc.config import reset_settings
 
     with mock_aws():
         reset_settings()
@@ -57,7 +58,6 @@ def api_call(body: dict) -> dict:
     """One request through the real API handler (as API Gateway would invoke it)."""
     from embedsvc.local.gateway import rest_event
     from embedsvc.local.lambda_context import LocalLambdaContext
-
     from functions.api.app import lambda_handler
 
     event = rest_event(

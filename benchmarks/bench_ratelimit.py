@@ -13,27 +13,27 @@ Run: .venv/bin/python benchmarks/bench_ratelimit.py [--window 10 --tpm 60000 ...
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import queue
+import random
 import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "layers" / "embedsvc"))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import queue  # noqa: E402
-import random  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+sys.path.insert(0, str(ROOT / "layers" / "embedsvc"))  # run without installing the package
 
 MODEL = "text-embedding-3-small"
 TABLE = "bench-ratelimit"
 REGION = "us-east-1"
-WORDS = (
+VOCABULARY = (
     "the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "
     "they you were her she there one all we their been has when who will more no if out so said what up its "
     "about into them than can only other new some could time these two may then do first any my now such like "
@@ -41,7 +41,8 @@ WORDS = (
     "well down should because each just those people how too little state good very make world still own see "
     "men work long get here between both life being under never day same another know while last might us "
     "great old year off come since against go came right used take three grace faith covenant mercy"
-).split()
+)
+WORDS = VOCABULARY.split()
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,12 @@ class Config:
 
 
 def make_serializing_moto() -> None:
-    """Serialize moto's DynamoDB item operations, as DynamoDB does per item.
+    """Serialize moto's DynamoDB item operations, as DynamoDB serializes writes to one item.
 
-    moto checks a ConditionExpression and applies the update in separate Python steps with no lock, so
-    two server threads can both pass the same version check; real DynamoDB never lets that happen.
-    Without this the benchmark would measure moto's race, not the ledger.
+    moto evaluates a ConditionExpression and applies the update in separate Python steps with no lock,
+    so two server threads can both pass the same check, and concurrent ADDs lose updates (16 threads x
+    100 ADDs of 1 end near 1,400). Real DynamoDB does neither; without this the benchmark would measure
+    moto's race, not the ledger.
     """
     from moto.dynamodb.models import DynamoDBBackend
 
@@ -121,16 +123,25 @@ def retry_after_seconds(exc) -> float:
     return float(headers.get("retry-after") or 1.0)
 
 
+def provider_process(tpm: int, rpm: int, window: float, latency: float, conn) -> None:
+    """The provider in its own process, so its clock readings do not queue behind moto for the GIL."""
+    from embedsvc.local.provider_sim import ProviderSimulator, sim_tokens
+
+    with ProviderSimulator(tpm=tpm, rpm=rpm, window_seconds=window, latency_seconds=latency) as sim:
+        sim_tokens(MODEL, "warm the simulator's tokenizer")
+        conn.send(sim.base_url)
+        conn.recv()  # stop
+        conn.send([asdict(r) for r in sim.records])
+
+
 def warm_up(ledger, client, count) -> None:
     """Pay the cold-start costs (imports, connections, tokenizer) before the clock starts, as a warm Lambda has."""
     import openai
 
     count(["warm the tokenizer"])
     ledger.client.get_item(TableName=TABLE, Key={"pk": {"S": "warm-up"}})
-    try:
-        client.models.list()  # the simulator answers 404 without counting it
-    except openai.NotFoundError:
-        pass
+    with contextlib.suppress(openai.NotFoundError):  # the simulator answers 404 without counting it
+        client.post("/warm-up", body={}, cast_to=object)
 
 
 def bulk_worker(index: int, cfg: Config, barrier, start_value, results) -> None:
@@ -146,7 +157,8 @@ def bulk_worker(index: int, cfg: Config, barrier, start_value, results) -> None:
     count = token_counter()
     rng = random.Random(index)
     warm_up(ledger, client, count)
-    barrier.wait()
+    barrier.wait()  # everyone is warm
+    barrier.wait()  # the start time is set
     start = start_value.value
     end = start + cfg.phase1 + cfg.phase2
     time.sleep(max(start - time.time(), 0))
@@ -156,7 +168,9 @@ def bulk_worker(index: int, cfg: Config, barrier, start_value, results) -> None:
     while time.time() < end:
         if texts is None:
             texts = [
-                " ".join(rng.choice(WORDS) for _ in range(rng.randint(cfg.bulk_words - 20, cfg.bulk_words + 20)))
+                " ".join(
+                    rng.choice(WORDS) for _ in range(rng.randint(cfg.bulk_words - 20, cfg.bulk_words + 20))
+                )
                 for _ in range(cfg.bulk_texts)
             ]
         try:
@@ -203,7 +217,7 @@ def realtime_stream(cfg: Config, barrier, start_value, results) -> None:
     count = token_counter()
     ready = threading.Semaphore(0)
     jobs: queue.Queue[str | None] = queue.Queue()
-    waits: list[float] = []
+    timeline: list[tuple[float, float, float]] = []  # (asked at, acquire took, of which deciding)
     outcome = {"throttled": 0, "overloaded": 0, "calls": 0}
     ledgers: list = []
     lock = threading.Lock()
@@ -224,7 +238,7 @@ def realtime_stream(cfg: Config, barrier, start_value, results) -> None:
                     outcome["overloaded"] += 1
                 continue
             with lock:
-                waits.append(time.time() - started)
+                timeline.append((started, time.time() - started, reservation.waited_seconds))
                 outcome["calls"] += 1
             try:
                 response = client.embeddings.create(model=MODEL, input=[text])
@@ -243,6 +257,7 @@ def realtime_stream(cfg: Config, barrier, start_value, results) -> None:
         ready.acquire()
     rng = random.Random(1234)
     barrier.wait()
+    barrier.wait()
     begin = start_value.value + cfg.phase1
     end = begin + cfg.phase2 - 1.0
     sent = 0
@@ -258,7 +273,7 @@ def realtime_stream(cfg: Config, barrier, start_value, results) -> None:
     for ledger in ledgers:
         for name, value in ledger.stats().items():
             merged[name] = merged.get(name, 0) + value
-    results.put({"role": "realtime", "sent": sent, "waits": waits, **outcome, "ledger": merged})
+    results.put({"role": "realtime", "sent": sent, "timeline": timeline, **outcome, "ledger": merged})
 
 
 def max_window_tokens(records, window: float) -> tuple[int, int]:
@@ -277,15 +292,16 @@ def max_window_tokens(records, window: float) -> tuple[int, int]:
     return most_tokens, most_requests
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of seconds, in milliseconds."""
     if not values:
-        return float("nan")
+        return None
     ordered = sorted(values)
-    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+    return round(ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)] * 1000, 1)
 
 
 def main() -> None:
+    """Run both phases and print the summary as the last line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--window", type=float, default=10.0)
@@ -305,7 +321,7 @@ def main() -> None:
 
     from moto.server import ThreadedMotoServer
 
-    from embedsvc.local.provider_sim import ProviderSimulator
+    from embedsvc.local.provider_sim import RequestRecord
     from embedsvc.services.ratelimit import create_ledger_table
 
     make_serializing_moto()
@@ -315,11 +331,16 @@ def main() -> None:
     endpoint = f"http://{host}:{port}"
     create_ledger_table(dynamodb_client(endpoint), TABLE)
 
-    sim = ProviderSimulator(tpm=args.tpm, rpm=args.rpm, window_seconds=args.window, latency_seconds=args.latency)
-    sim.start()
+    ctx = mp.get_context("spawn")  # the parent runs server threads: forking them is unsafe
+    provider_conn, child_conn = ctx.Pipe()
+    provider = ctx.Process(
+        target=provider_process, args=(args.tpm, args.rpm, args.window, args.latency, child_conn), daemon=True
+    )
+    provider.start()
+    base_url = provider_conn.recv()
     cfg = Config(
         endpoint=endpoint,
-        base_url=sim.base_url,
+        base_url=base_url,
         window=args.window,
         tpm=args.tpm,
         rpm=args.rpm,
@@ -331,25 +352,29 @@ def main() -> None:
         realtime_rate=args.realtime_rate,
         realtime_threads=args.realtime_threads,
     )
-    ctx = mp.get_context("spawn")  # the parent runs server threads: forking them is unsafe
-    barrier = ctx.Barrier(args.workers + 2)
+    barrier = ctx.Barrier(args.workers + 2, timeout=120)
     start_value = ctx.Value("d", 0.0)
     results = ctx.Queue()
-    processes = [ctx.Process(target=bulk_worker, args=(i, cfg, barrier, start_value, results)) for i in range(args.workers)]
+    processes = [
+        ctx.Process(target=bulk_worker, args=(i, cfg, barrier, start_value, results))
+        for i in range(args.workers)
+    ]
     processes.append(ctx.Process(target=realtime_stream, args=(cfg, barrier, start_value, results)))
     for process in processes:
         process.start()
-    start_value.value = time.time() + 0.5
     barrier.wait()
-    start = start_value.value
+    start_value.value = start = time.time() + 0.5
+    barrier.wait()
     phase2_start = start + args.phase1
     reports = [results.get(timeout=args.phase1 + args.phase2 + 180) for _ in processes]
     for process in processes:
         process.join()
-    sim.stop()
+    provider_conn.send("stop")
+    records = [RequestRecord(**r) for r in provider_conn.recv()]
+    provider.join()
     server.stop()
 
-    accepted = sorted(sim.accepted(), key=lambda r: r.at)
+    accepted = sorted((r for r in records if r.status == 200), key=lambda r: r.at)
     phase1 = [r for r in accepted if r.at < phase2_start]
     # Bulk utilization, steady state: the first window after the first grant is an initial burst (the
     # empty window admits a whole budget at once), so measurement starts one window after the first
@@ -359,14 +384,17 @@ def main() -> None:
     whole_windows = math.floor((phase2_start - measure_from) / args.window)
     measure_to = measure_from + whole_windows * args.window
     measured = sum(r.tokens for r in phase1 if measure_from < r.at <= measure_to)
-    bulk_utilization = measured / (args.tpm * whole_windows) if whole_windows > 0 else float("nan")
+    bulk_utilization = measured / (args.tpm * whole_windows) if whole_windows > 0 else 0.0
     # With the burst window included, for comparison (same construction, one window earlier).
     burst_from = phase1[0].at - 1e-6
     burst_to = burst_from + (whole_windows + 1) * args.window
-    with_burst = sum(r.tokens for r in phase1 if burst_from < r.at <= burst_to) / (args.tpm * (whole_windows + 1))
+    with_burst = sum(r.tokens for r in phase1 if burst_from < r.at <= burst_to) / (
+        args.tpm * (whole_windows + 1)
+    )
 
     most_tokens, most_requests = max_window_tokens(accepted, args.window)
     realtime = next(r for r in reports if r["role"] == "realtime")
+    waits = [took for _, took, _ in realtime["timeline"]]  # the whole acquire, DynamoDB round trips included
     bulk = [r for r in reports if r["role"] == "bulk"]
     ledger_totals: dict[str, float] = {}
     for report in [*bulk, realtime]:
@@ -378,24 +406,27 @@ def main() -> None:
     summary = {
         "workers": args.workers,
         "bulk_utilization": round(bulk_utilization, 4),
-        "http_429": sum(1 for r in sim.records if r.status == 429),
+        "http_429": sum(1 for r in records if r.status == 429),
         "max_window_fraction": round(most_tokens / args.tpm, 4),
-        "realtime_p99_wait_ms": round(percentile(realtime["waits"], 99) * 1000, 1),
+        "realtime_p99_wait_ms": percentile_ms(waits, 99),
         "bulk_utilization_with_burst_window": round(with_burst, 4),
         "measured_windows": whole_windows,
         "max_window_request_fraction": round(most_requests / args.rpm, 4),
         "realtime_requests": realtime["sent"],
         "realtime_served": realtime["calls"],
         "realtime_overloaded": realtime["overloaded"],
-        "realtime_p50_wait_ms": round(percentile(realtime["waits"], 50) * 1000, 1),
-        "realtime_max_wait_ms": round(max(realtime["waits"], default=float("nan")) * 1000, 1),
-        "phase2_bulk_fraction": round(phase2_bulk_tokens / (args.tpm * phase2_seconds / args.window), 4)
+        "realtime_p50_wait_ms": percentile_ms(waits, 50),
+        "realtime_max_wait_ms": percentile_ms(waits, 100),
+        "realtime_ledger_sleeps": realtime["ledger"].get("waits", 0),
+        "phase2_bulk_fraction_of_limit": round(
+            phase2_bulk_tokens / (args.tpm * phase2_seconds / args.window), 4
+        )
         if phase2_seconds > 0
         else None,
         "ledger_calls_per_grant": round(ledger_totals.get("dynamodb_calls", 0) / grants, 2),
         "ledger_conflicts": ledger_totals.get("conflicts", 0),
         "ledger_errors": ledger_totals.get("ledger_errors", 0),
-        "provider_requests": len(sim.records),
+        "provider_requests": len(records),
     }
     if args.dump:
         Path(args.dump).write_text(
@@ -403,8 +434,9 @@ def main() -> None:
                 {
                     "start": start,
                     "phase2_start": phase2_start,
-                    "records": [asdict(r) for r in sim.records],
+                    "records": [asdict(r) for r in records],
                     "grants": sorted(g for r in bulk for g in r["grants"]),
+                    "realtime": realtime["timeline"],
                 }
             )
         )

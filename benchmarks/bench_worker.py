@@ -77,11 +77,11 @@ def main() -> None:
         with moto_environment(
             {"EMBEDSVC_REGISTRY": json.dumps(registry(sim.base_url)), "QDRANT_PATH": ""}
         ) as container:
-            from embedsvc.adapters.qdrant import point_id
-            from embedsvc.local.lambda_context import LocalLambdaContext
             from openai import OpenAI
             from qdrant_client import models
 
+            from embedsvc.adapters.qdrant import point_id
+            from embedsvc.local.lambda_context import LocalLambdaContext
             from functions.embed_worker.app import lambda_handler
 
             context = LocalLambdaContext("worker")

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
 from embedsvc.local.lambda_context import LocalLambdaContext
 from embedsvc.local.provider_sim import ProviderSimulator
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes import SQSEvent
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from embedsvc import container
 from embedsvc.services.indexing import Incoming
 

@@ -10,6 +10,7 @@ from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEvent, S
 from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event import (
     APIGatewayAuthorizerTokenEvent,
 )
+
 from embedsvc.config import DEFAULT_REGISTRY, Settings
 from embedsvc.models.api import EmbeddingRequest
 from embedsvc.services.indexing import PermanentError, parse_message

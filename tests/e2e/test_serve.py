@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+
 from embedsvc.local.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +62,9 @@ def served(tmp_path_factory):
 
 
 def test_sdk_defaults_get_the_local_models_vectors(served):
-    from embedsvc.adapters.providers.local_model import model_path
     from sentence_transformers import SentenceTransformer
+
+    from embedsvc.adapters.providers.local_model import model_path
 
     client = openai.OpenAI(base_url=served, api_key="sk-e2e-key")  # defaults: base64 encoding, 2 retries
     response = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)

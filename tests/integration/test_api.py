@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 import pytest
+
 from embedsvc.local.provider_sim import Fault, hash_vector
 
 TE3S = "text-embedding-3-small"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from embedsvc.local.lambda_context import LocalLambdaContext
 from embedsvc.services.auth import hash_api_key
-
 from tests.conftest import TEST_ENV, load_event
 
 

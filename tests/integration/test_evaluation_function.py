@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import load_event
+
 from embedsvc.local.lambda_context import LocalLambdaContext
 from embedsvc.services.evaluation.runs import Run, read_trec_run
 
@@ -193,8 +194,9 @@ def test_injected_regression_fails_the_gate_and_raises_the_alarm_metric(indexed,
 
 
 def test_the_content_types_alias_is_searched_with_the_model_it_points_at(indexed, s3):
-    from embedsvc import container
     from qdrant_client import models
+
+    from embedsvc import container
 
     container.vector_store().client.update_collection_aliases(
         change_aliases_operations=[

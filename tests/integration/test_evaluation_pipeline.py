@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from embedsvc.cli import main
 from embedsvc.local.provider_sim import Fault, hash_vector
 from embedsvc.services.evaluation.groundtruth import GroundTruth, load_beir

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+
 from embedsvc.adapters.qdrant import point_id
 from embedsvc.errors import VectorStoreUnavailable
 from embedsvc.local.lambda_context import LocalLambdaContext
 from embedsvc.local.provider_sim import Fault, hash_vector
 from embedsvc.services.indexing import Incoming
-
 from tests.conftest import load_event, sim_registry
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

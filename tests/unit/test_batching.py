@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from embedsvc.errors import InvalidRequest
-from embedsvc.services.batching import RequestLimits, split_requests
 from hypothesis import given
 from hypothesis import strategies as st
+
+from embedsvc.errors import InvalidRequest
+from embedsvc.services.batching import RequestLimits, split_requests
 
 OPENAI = RequestLimits(max_inputs=2048, max_tokens=300_000, max_input_tokens=8192)
 

@@ -54,9 +54,23 @@ def test_unknown_model_lists_the_known_ones():
     ("errors", "param", "fragment"),
     [
         ([{"type": "json_invalid", "loc": ("body", 0), "msg": "x"}], None, "parse the JSON"),
-        ([{"type": "string_type", "loc": ("body", "input", "str"), "msg": "x"}], "input", "array of non-empty strings"),
+        (
+            [{"type": "string_type", "loc": ("body", "input", "str"), "msg": "x"}],
+            "input",
+            "array of non-empty strings",
+        ),
         ([{"type": "missing", "loc": ("body", "model"), "msg": "Field required"}], "model", "Field required"),
-        ([{"type": "literal_error", "loc": ("body", "encoding_format"), "msg": "Input should be 'float' or 'base64'"}], "encoding_format", "'float' or 'base64'"),
+        (
+            [
+                {
+                    "type": "literal_error",
+                    "loc": ("body", "encoding_format"),
+                    "msg": "Input should be 'float' or 'base64'",
+                }
+            ],
+            "encoding_format",
+            "'float' or 'base64'",
+        ),
         ([], None, "body"),
     ],
 )

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 import boto3
 import numpy as np
 import pytest
+from moto import mock_aws
+
 from embedsvc.services.evaluation.compare import (
     REGRESSION_METRIC,
     cloudwatch_metric_data,
@@ -17,7 +19,6 @@ from embedsvc.services.evaluation.compare import (
 )
 from embedsvc.services.evaluation.metrics import GATE_METRICS
 from embedsvc.services.evaluation.runs import Run
-from moto import mock_aws
 
 
 def make_run(values: dict[str, np.ndarray], *, model: str = "minilm", run_id: str = "") -> Run:

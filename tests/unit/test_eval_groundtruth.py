@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from embedsvc.errors import InvalidRequest
 from embedsvc.services.evaluation.groundtruth import (
     EvalDataError,

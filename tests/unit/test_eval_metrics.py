@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from embedsvc.services.evaluation.metrics import (
     DEFAULT_METRICS,
     GATE_METRICS,
@@ -19,8 +22,6 @@ from embedsvc.services.evaluation.metrics import (
     rank,
     recall_at,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 L2 = math.log2
 

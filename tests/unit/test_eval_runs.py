@@ -13,6 +13,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+from moto import mock_aws
+
 from embedsvc.services.evaluation.chart import render_chart
 from embedsvc.services.evaluation.cli import add_eval_parser, default_collection, run_eval
 from embedsvc.services.evaluation.groundtruth import EvalDataError, GroundTruth, load_beir
@@ -28,7 +30,6 @@ from embedsvc.services.evaluation.runs import (
     read_trec_run,
     write_trec_run,
 )
-from moto import mock_aws
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
 SCIFACT = FIXTURES / "scifact"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from embedsvc.config import DEFAULT_REGISTRY, Registry
 from embedsvc.services.tokens import count_tokens, estimate_tokens, truncate_to_limit
 

@@ -151,7 +151,12 @@ def index_message(verse: dict) -> str:
             "content_type": "verse",
             "id": verse["id"],
             "text": verse["text"],
-            "metadata": {"book": verse["book"], "chapter": verse["chapter"], "verse": verse["verse"], "translation": "BSB"},
+            "metadata": {
+                "book": verse["book"],
+                "chapter": verse["chapter"],
+                "verse": verse["verse"],
+                "translation": "BSB",
+            },
             "source": "verse_index",
             "task_id": "demo-index",
             "priority": "bulk",
@@ -166,7 +171,9 @@ def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
     sqs = aws_client("sqs")
     queue_url = container.settings().index_queue_url
     poller = stack.make_poller()
-    sys.stderr.write(f"  worker batch size {poller.batch_size}, batching window {poller.window}s (from template.yaml)\n")
+    sys.stderr.write(
+        f"  worker batch size {poller.batch_size}, batching window {poller.window}s (from template.yaml)\n"
+    )
     started = time.perf_counter()
     # Produce in waves and drain each: moto's SQS slows down quadratically with queue depth
     # (real SQS does not), so the demo keeps the local queue short.

@@ -31,7 +31,13 @@ class EmbedResult:
 
 class EmbeddingService:
     def __init__(
-        self, registry: Registry, router, cache, costs: CostRecorder, *, max_wait_seconds: dict[Lane, float] | None = None
+        self,
+        registry: Registry,
+        router,
+        cache,
+        costs: CostRecorder,
+        *,
+        max_wait_seconds: dict[Lane, float] | None = None,
     ):
         self.max_wait_seconds = max_wait_seconds or DEFAULT_MAX_WAIT_SECONDS
         self.registry = registry

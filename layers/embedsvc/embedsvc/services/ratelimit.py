@@ -1,30 +1,42 @@
 """The shared rate-limit ledger: every caller reserves tokens and a request in DynamoDB before a provider call.
 
-Design. One item per limit key (`provider:model`) holds per-slot counters: the window is cut into
-`slots_per_window` slots of `window / slots_per_window` seconds, and a grant at time `now` adds its tokens
-to `t_<slot>` and one request to `r_<slot>`, where `slot = floor(now / slot_seconds)`. A caller may be
-granted if the slots from `slot - slots_per_window` up to the newest (the window plus one extra slot, and
-any slot a clock running ahead wrote) leave room for it. Every provider window `(T - W, T]` lies inside
-such a span of slots, so the provider never sees more than its limit in any window, however many
-processes share the item. The grant is one UpdateItem conditioned on the version read (optimistic
-compare-and-set): a ConditionalCheckFailed returns the current item (`ReturnValuesOnConditionCheckFailure`)
-and the caller decides again, so no read-then-write race can over-grant. The same write removes slots
-no window can reach any more and refreshes `expires_at` (the table's TTL attribute) so idle keys vanish.
-Happy path: one consistent GetItem and one UpdateItem. `reconcile` adds the difference between the
-provider's reported usage and the estimate to the reservation's own slot with an atomic ADD, bumping
-the version so a decision taken on the old counts fails its condition; an exact estimate writes nothing.
+Accounting. One item per limit key (`provider:model`). The window is cut into `slots_per_window` slots;
+a grant at time `now` adds its tokens to `t_<slot>` and one request to `r_<slot>`
+(`slot = floor(now / slot_seconds)`), and the same amounts to the running totals `tokens_total` and
+`requests_total`, which always equal the sum of the slot attributes present. A slot counts until the
+window, one extra slot and a guard (`guard_seconds`, the spread of grant-to-provider delays) have
+passed it, so every provider window `(T - W, T]` lies inside what a decision counts: the provider
+never sees more than its limit in any window, however many processes share the item.
 
-Waiting. When the budget is spent the caller computes, from the slots, when enough of them leave the
-window for its request to fit, and sleeps exactly that long (capped, plus a little jitter so waiters do
-not read in lockstep) before deciding again: no polling. A provider 429 sets `cooldown_until` to the
-later of the stored value and now + Retry-After; every caller in every process waits it out.
+Atomicity. A grant is one UpdateItem whose ConditionExpression is the budget check itself:
+`tokens_total <= limit - tokens` (and the same for requests), no cooldown, and for bulk "users idle or
+total under the ceiling". DynamoDB evaluates it on the live item, so no read-then-write race can
+over-grant, and grants commute: concurrent callers only fail each other's conditions when the budget
+is really at stake. (A version compare-and-set would fail every write that raced any other write;
+under load that turned into chains of retries that starved realtime callers.) Slots that left the
+window stay in the totals, which only errs on the safe side, until a grant needs their room or enough
+pile up: that grant removes them in the same write, subtracts exactly their values (conditioned on
+those values being unchanged) and raises `removed_below`. Every grant's condition also requires that
+no slot its windows count has been removed, so a caller whose clock reading went stale before its
+write landed cannot miss slots a newer caller removed meanwhile. A failed condition returns the item (`ReturnValuesOnConditionCheckFailure`),
+so the caller decides again without another read. The last item seen is kept per process only as a
+hint: when it says the request fits, the first attempt is the write alone (one call); otherwise, or
+after a wait, the caller reads first (a consistent GetItem, then the UpdateItem). `reconcile` adds the
+difference between the provider's reported usage and the estimate to the reservation's slot and the
+totals with an atomic ADD (an exact estimate writes nothing); writes refresh `expires_at`, the
+table's TTL attribute, so idle keys disappear.
+
+Waiting. When the budget is spent the caller computes from the slots when enough of them leave the
+window for its request to fit, and sleeps that long (capped, plus jitter so waiters aiming at the same
+slot do not all arrive together) before deciding again: no polling. A provider 429 sets
+`cooldown_until` to the later of the stored value and now + Retry-After; every caller waits it out.
 
 Lanes. `realtime` may use the whole budget. `bulk` is granted only while the window's total (all lanes)
 stays at or below `bulk_ceiling` x limit whenever users are active, and uses the whole budget when they
 are idle. Users are active while `realtime_until` lies ahead: a realtime grant sets it to now + window,
-and a realtime caller that has to wait first writes its demand there (bumping the version, so a bulk
-grant decided before the write fails its condition). Bulk callers in every process therefore leave the
-headroom above the ceiling, and each slot that leaves the window goes to the waiting realtime caller.
+and a realtime caller that has to wait first writes its demand there. Bulk conditions test it
+atomically, so from that write on, bulk callers in every process leave the room above the ceiling,
+and the slots that leave the window go to the waiting realtime caller.
 
 DynamoDB failure (throttling, errors, timeouts, no endpoint). Bulk raises `LedgerUnavailable`: its SQS
 message is retried later, and the provider is never called unmetered. Realtime falls back to an
@@ -34,8 +46,9 @@ call. Fallback grants are invisible to other processes: the fraction bounds the 
 keep being served. A failed `reconcile` or `report_throttle` is logged and swallowed: the provider call
 already happened, and its 429 backstops any under-count.
 
-Limits of the design: slot times come from each process's clock, so clocks must agree to within about
-a slot (NTP-synchronised Lambda clocks agree to milliseconds); one `LimitSpec` window per key.
+Limits: slot times come from each process's clock, so clocks must agree to well within the guard
+(NTP-synchronised Lambda clocks agree to milliseconds); one `LimitSpec` window per key; acquire right
+before the call (a grant that waits long before its request leaves eats into the guard).
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -57,16 +70,15 @@ from embedsvc.errors import InvalidRequest, LedgerUnavailable, ServiceOverloaded
 
 logger = Logger(child=True)
 
-# Removal keeps one slot more than any window reads, so a process whose clock lags by a slot still
-# finds every slot it must count.
-_KEEP_EXTRA_SLOTS = 2
 # A slot keeps counting this long after the window has passed it: the spread, between two requests, of the
-# delay from grant to the provider's clock (the write's round trip, the HTTP send, the provider's queue).
+# delay from the grant's clock reading to the provider's (the write's round trip, the send, the network).
 DEFAULT_GUARD_SECONDS = 0.1
-_MAX_REMOVALS_PER_WRITE = 40  # keeps the update expression small after a long idle spell
+_COMPACT_AT_STALE_SLOTS = 8  # bounds the item's size when the budget is never tight enough to force it
+_MAX_COMPACTED_SLOTS = 50  # keeps condition and update expressions well under DynamoDB's 4 KB
 _MAX_SLEEP_SECONDS = 5.0
 _EPSILON_SECONDS = 0.001  # wake just past a slot boundary, never just before it
 _FALLBACK_RETRY_AFTER_SECONDS = 1.0
+_CONFLICTS_BEFORE_BACKOFF = 10
 
 
 class Lane(StrEnum):
@@ -97,14 +109,33 @@ class Reservation:
 class LedgerState:
     """What one read of a key's item says."""
 
-    version: int = 0  # 0: no item yet
-    slots: Mapping[int, tuple[int, int]] | None = None  # slot -> (tokens, requests)
+    slots: Mapping[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (tokens, requests)
+    tokens_total: int = 0
+    requests_total: int = 0
     cooldown_until: float = 0.0
     realtime_until: float = 0.0
+    removed_below: int = 0  # every slot below this has been removed from the item (and the totals)
+    exists: bool = False
 
     def slot_items(self) -> list[tuple[int, int, int]]:
         """(slot, tokens, requests), oldest first."""
-        return sorted((slot, t, r) for slot, (t, r) in (self.slots or {}).items())
+        return sorted((slot, t, r) for slot, (t, r) in self.slots.items())
+
+    def consistent(self) -> bool:
+        """Whether the running totals equal the sum of the slots, as every write keeps them."""
+        return (
+            sum(t for t, _ in self.slots.values()) == self.tokens_total
+            and sum(r for _, r in self.slots.values()) == self.requests_total
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a caller does next: wait, or write a grant (removing stale slots in the same write)."""
+
+    wait: float
+    compact: tuple[int, ...] = ()
+    compact_only: bool = False  # the grant cannot fit in one write with the removals: remove first
 
 
 def slot_seconds(limit: LimitSpec, slots_per_window: int) -> float:
@@ -117,7 +148,9 @@ def slot_of(now: float, seconds_per_slot: float) -> int:
     return math.floor(now / seconds_per_slot)
 
 
-def first_counted_slot(now: float, seconds_per_slot: float, slots_per_window: int, guard_seconds: float) -> int:
+def first_counted_slot(
+    now: float, seconds_per_slot: float, slots_per_window: int, guard_seconds: float
+) -> int:
     """The oldest slot a decision at `now` must count: the window, one extra slot, and the guard."""
     return slot_of(now - guard_seconds, seconds_per_slot) - slots_per_window
 
@@ -131,17 +164,21 @@ def parse_item(item: Mapping[str, Any] | None) -> LedgerState:
     for name, value in item.items():
         if name[:2] in ("t_", "r_") and name[2:].lstrip("-").isdigit():
             target = tokens if name[0] == "t" else requests
-            target[int(name[2:])] = int(float(value["N"]))
-    slots = {slot: (tokens.get(slot, 0), requests.get(slot, 0)) for slot in tokens.keys() | requests.keys()}
+            target[int(name[2:])] = int(value["N"])
 
     def number(name: str) -> float:
         return float(item[name]["N"]) if name in item else 0.0
 
     return LedgerState(
-        version=int(number("v")),
-        slots=slots,
+        slots={
+            slot: (tokens.get(slot, 0), requests.get(slot, 0)) for slot in tokens.keys() | requests.keys()
+        },
+        tokens_total=int(number("tokens_total")),
+        requests_total=int(number("requests_total")),
         cooldown_until=number("cooldown_until"),
         realtime_until=number("realtime_until"),
+        removed_below=int(number("removed_below")),
+        exists=True,
     )
 
 
@@ -174,6 +211,15 @@ def wait_until_fits(
     return math.inf
 
 
+def lane_caps(
+    limit: LimitSpec, lane: Lane, state: LedgerState, now: float, bulk_ceiling: float
+) -> tuple[int, int]:
+    """The token and request caps a caller in `lane` is held to right now."""
+    if lane is Lane.BULK and state.realtime_until > now:
+        return math.floor(bulk_ceiling * limit.tpm), math.floor(bulk_ceiling * limit.rpm)
+    return limit.tpm, limit.rpm
+
+
 def plan_wait(
     state: LedgerState,
     limit: LimitSpec,
@@ -189,7 +235,7 @@ def plan_wait(
     seconds_per_slot = slot_seconds(limit, slots_per_window)
     slots = state.slot_items()
 
-    def wait_under(fraction: float) -> float:
+    def wait_under(token_cap: int, request_cap: int) -> float:
         return wait_until_fits(
             slots,
             now=now,
@@ -197,15 +243,63 @@ def plan_wait(
             slots_per_window=slots_per_window,
             guard_seconds=guard_seconds,
             tokens=tokens,
-            token_cap=fraction * limit.tpm,
-            request_cap=fraction * limit.rpm,
+            token_cap=token_cap,
+            request_cap=request_cap,
         )
 
-    wait = wait_under(1.0)
+    wait = wait_under(limit.tpm, limit.rpm)
+    # Slots this caller must count were removed by a caller whose clock runs ahead: wait until they would
+    # have left this caller's window too (the write's condition would refuse it until then).
+    counted_again_at = (state.removed_below + slots_per_window) * seconds_per_slot + guard_seconds
+    if first_counted_slot(now, seconds_per_slot, slots_per_window, guard_seconds) < state.removed_below:
+        wait = max(wait, counted_again_at - now + _EPSILON_SECONDS)
     if lane is Lane.BULK and state.realtime_until > now:
         # Users are active: bulk fits under the ceiling, or waits for users to go idle (whichever is first).
-        wait = min(wait_under(bulk_ceiling), max(wait, state.realtime_until - now))
+        ceiling = wait_under(*lane_caps(limit, lane, state, now, bulk_ceiling))
+        wait = min(ceiling, max(wait, state.realtime_until - now))
     return max(wait, state.cooldown_until - now, 0.0)
+
+
+def plan_grant(
+    state: LedgerState,
+    limit: LimitSpec,
+    tokens: int,
+    lane: Lane,
+    now: float,
+    *,
+    slots_per_window: int,
+    bulk_ceiling: float,
+    guard_seconds: float = 0.0,
+) -> Plan:
+    """Wait, or grant now; and which stale slots the grant's write removes."""
+    wait = plan_wait(
+        state,
+        limit,
+        tokens,
+        lane,
+        now,
+        slots_per_window=slots_per_window,
+        bulk_ceiling=bulk_ceiling,
+        guard_seconds=guard_seconds,
+    )
+    if wait > 0:
+        return Plan(wait)
+    token_cap, request_cap = lane_caps(limit, lane, state, now, bulk_ceiling)
+    oldest = first_counted_slot(now, slot_seconds(limit, slots_per_window), slots_per_window, guard_seconds)
+    stale = [slot for slot in sorted(state.slots) if slot < oldest]
+
+    def fits(removed: tuple[int, ...]) -> bool:
+        freed_tokens = sum(state.slots[s][0] for s in removed)
+        freed_requests = sum(state.slots[s][1] for s in removed)
+        return (
+            state.tokens_total - freed_tokens + tokens <= token_cap
+            and state.requests_total - freed_requests + 1 <= request_cap
+        )
+
+    if fits(()) and len(stale) < _COMPACT_AT_STALE_SLOTS:
+        return Plan(0.0)
+    removed = tuple(stale[:_MAX_COMPACTED_SLOTS])
+    return Plan(0.0, removed, compact_only=not fits(removed))
 
 
 class _LedgerDown(Exception):
@@ -240,6 +334,10 @@ class _LocalWindow:
         self.events.append((at, tokens, requests))
 
 
+def _n(value: float) -> dict[str, str]:
+    return {"N": str(value) if isinstance(value, int) else repr(float(value))}
+
+
 class RateLimitLedger:
     """Reserve provider budget in DynamoDB before each call; reconcile after; share 429 cooldowns."""
 
@@ -269,6 +367,7 @@ class RateLimitLedger:
         self.guard_seconds = guard_seconds
         self._lock = threading.Lock()
         self._random = random.Random()
+        self._hints: dict[str, LedgerState] = {}
         self._local: dict[str, _LocalWindow] = {}
         self._local_cooldowns: dict[str, float] = {}
         self._stats: dict[str, float] = dict.fromkeys(
@@ -281,6 +380,8 @@ class RateLimitLedger:
                 "waits",
                 "wait_seconds",
                 "demand_marks",
+                "compactions",
+                "repairs",
                 "reconcile_writes",
                 "throttles_reported",
                 "overloaded",
@@ -309,7 +410,7 @@ class RateLimitLedger:
         return self._client
 
     def stats(self) -> dict:
-        """Counters for benchmarks: DynamoDB calls, grants, CAS conflicts, waits, fallbacks."""
+        """Counters for benchmarks: DynamoDB calls, grants, conditional-write conflicts, waits, fallbacks."""
         with self._lock:
             return dict(self._stats)
 
@@ -331,78 +432,144 @@ class RateLimitLedger:
             self._count("ledger_errors")
             raise _LedgerDown(exc) from exc
 
+    def _update(self, key: str, **kwargs) -> tuple[LedgerState | None, bool]:
+        """A conditional UpdateItem: (the item after it, True), or (the item that failed it, False)."""
+        try:
+            response = self._call(
+                "update_item",
+                Key={"pk": {"S": key}},
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                **kwargs,
+            )
+        except ClientError as exc:
+            item = exc.response.get("Item")
+            state = parse_item(item) if item else None
+            self._remember(key, state)
+            return state, False
+        state = parse_item(response.get("Attributes"))
+        self._remember(key, state)
+        return state, True
+
     def _read(self, key: str) -> LedgerState:
         response = self._call("get_item", Key={"pk": {"S": key}}, ConsistentRead=True)
         state = parse_item(response.get("Item"))
-        self._remember_cooldown(key, state.cooldown_until)
+        self._remember(key, state)
         return state
 
-    def _remember_cooldown(self, key: str, until: float) -> None:
+    def _remember(self, key: str, state: LedgerState | None) -> None:
         with self._lock:
-            if until > self._local_cooldowns.get(key, 0.0):
-                self._local_cooldowns[key] = until
+            if state is None:
+                self._hints.pop(key, None)
+                return
+            self._hints[key] = state
+            if state.cooldown_until > self._local_cooldowns.get(key, 0.0):
+                self._local_cooldowns[key] = state.cooldown_until
 
-    def _expires_at(self, limit: LimitSpec, *times: float) -> str:
-        return str(math.ceil(max(times) + 2 * limit.window_seconds))
+    def _expires_at(self, limit: LimitSpec, *times: float) -> dict[str, str]:
+        return _n(math.ceil(max(times) + 2 * limit.window_seconds))
 
-    def _grant(self, limit: LimitSpec, state: LedgerState, tokens: int, lane: Lane, now: float, slot: int) -> None:
-        """Write the grant, conditioned on the version read; raises ClientError on a conflict."""
-        names = {"#v": "v", "#exp": "expires_at"}
-        values: dict[str, dict[str, str]] = {
-            ":v1": {"N": str(state.version + 1)},
-            ":tokens": {"N": str(tokens)},
-            ":one": {"N": "1"},
-        }
-        sets = ["#v = :v1", "#exp = :exp"]
-        realtime_until = state.realtime_until
-        if lane is Lane.REALTIME and now + limit.window_seconds > realtime_until:
-            realtime_until = now + limit.window_seconds
-            names["#rt"] = "realtime_until"
-            values[":rt"] = {"N": repr(realtime_until)}
-            sets.append("#rt = :rt")
-        values[":exp"] = {"N": self._expires_at(limit, now, state.cooldown_until, realtime_until)}
-        expression = f"SET {', '.join(sets)} ADD t_{slot} :tokens, r_{slot} :one"
+    def _write_grant(
+        self, limit: LimitSpec, state: LedgerState, plan: Plan, tokens: int, lane: Lane, now: float, slot: int
+    ) -> tuple[LedgerState | None, bool]:
+        """The grant (and any removals) in one conditional write; the condition is the budget check."""
+        names = {"#tt": "tokens_total", "#tr": "requests_total", "#exp": "expires_at"}
+        values: dict[str, dict[str, str]] = {}
+        conditions: list[str] = []
+        sets = ["#exp = :exp"]
+        freed_tokens = sum(state.slots[s][0] for s in plan.compact)
+        freed_requests = sum(state.slots[s][1] for s in plan.compact)
+        granted_tokens, granted_requests = (0, 0) if plan.compact_only else (tokens, 1)
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        oldest_counted = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds)
-        oldest_kept = oldest_counted - _KEEP_EXTRA_SLOTS
-        stale = [s for s in sorted(state.slots or {}) if s < oldest_kept][:_MAX_REMOVALS_PER_WRITE]
-        if stale:
-            expression += " REMOVE " + ", ".join(f"{p}_{s}" for s in stale for p in ("t", "r"))
-        if state.version:
-            condition = "#v = :v0"
-            values[":v0"] = {"N": str(state.version)}
-        else:
-            condition = "attribute_not_exists(pk)"
-        self._call(
-            "update_item",
-            Key={"pk": {"S": limit.key}},
-            UpdateExpression=expression,
-            ConditionExpression=condition,
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
-            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds)
+        adds = ["#tt :dt", "#tr :dr"]
+        values[":dt"] = _n(granted_tokens - freed_tokens)
+        values[":dr"] = _n(granted_requests - freed_requests)
+        realtime_until = state.realtime_until
+        if not plan.compact_only:
+            adds += [f"t_{slot} :tokens", f"r_{slot} :one"]
+            values[":tokens"], values[":one"], values[":now"] = _n(tokens), _n(1), _n(now)
+            names["#cd"] = "cooldown_until"
+            names["#rt"] = "realtime_until"
+            conditions.append("(attribute_not_exists(#cd) OR #cd <= :now)")
+            values[":max_t"] = _n(limit.tpm - tokens + freed_tokens)
+            values[":max_r"] = _n(limit.rpm - 1 + freed_requests)
+            conditions.append("(attribute_not_exists(#tt) OR (#tt <= :max_t AND #tr <= :max_r))")
+            # Every slot this grant's windows count is still here: a caller whose clock reading went
+            # stale before its write landed cannot miss slots a newer caller removed meanwhile.
+            names["#rb"] = "removed_below"
+            values[":oldest"] = _n(oldest)
+            conditions.append("(attribute_not_exists(#rb) OR #rb <= :oldest)")
+            if lane is Lane.BULK:
+                values[":bmax_t"] = _n(math.floor(self.bulk_ceiling * limit.tpm) - tokens + freed_tokens)
+                values[":bmax_r"] = _n(math.floor(self.bulk_ceiling * limit.rpm) - 1 + freed_requests)
+                conditions.append(
+                    "(attribute_not_exists(#rt) OR #rt <= :now OR attribute_not_exists(#tt)"
+                    " OR (#tt <= :bmax_t AND #tr <= :bmax_r))"
+                )
+            else:
+                realtime_until = max(realtime_until, now + limit.window_seconds)
+                values[":rt"] = _n(realtime_until)
+                sets.append("#rt = :rt")
+        for index, stale in enumerate(plan.compact):
+            # Subtract exactly what is removed: the slot must still hold what was read.
+            values[f":st{index}"], values[f":sr{index}"] = (
+                _n(state.slots[stale][0]),
+                _n(state.slots[stale][1]),
+            )
+            conditions.append(f"t_{stale} = :st{index} AND r_{stale} = :sr{index}")
+        values[":exp"] = self._expires_at(limit, now, state.cooldown_until, realtime_until)
+        if plan.compact:
+            names["#rb"] = "removed_below"
+            values[":rb"] = _n(max(state.removed_below, max(plan.compact) + 1))
+            sets.append("#rb = :rb")
+            conditions.append("(attribute_not_exists(#rb) OR #rb <= :rb)")
+        expression = f"SET {', '.join(sets)} ADD {', '.join(adds)}"
+        if plan.compact:
+            self._count("compactions")
+            expression += " REMOVE " + ", ".join(f"{p}_{s}" for s in plan.compact for p in ("t", "r"))
+        kwargs: dict[str, Any] = {
+            "UpdateExpression": expression,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
+        if conditions:
+            kwargs["ConditionExpression"] = " AND ".join(conditions)
+        return self._update(limit.key, **kwargs)
+
+    def _repair(self, limit: LimitSpec, state: LedgerState) -> LedgerState | None:
+        """Set the totals back to the sum of the slots (no write of this module breaks that; a hand edit might)."""
+        logger.warning("ledger totals disagree with their slots; repairing", extra={"limit_key": limit.key})
+        self._count("repairs")
+        new, _ = self._update(
+            limit.key,
+            UpdateExpression="SET #tt = :st, #tr = :sr",
+            ConditionExpression="(attribute_not_exists(#tt) OR #tt = :ot) AND (attribute_not_exists(#tr) OR #tr = :or)",
+            ExpressionAttributeNames={"#tt": "tokens_total", "#tr": "requests_total"},
+            ExpressionAttributeValues={
+                ":st": _n(sum(t for t, _ in state.slots.values())),
+                ":sr": _n(sum(r for _, r in state.slots.values())),
+                ":ot": _n(state.tokens_total),
+                ":or": _n(state.requests_total),
+            },
         )
+        return new
 
     def _mark_demand(self, limit: LimitSpec, state: LedgerState, until: float, now: float) -> None:
         """Tell bulk callers everywhere that a realtime caller is waiting, until `until`."""
         if state.realtime_until >= until:
             return
         self._count("demand_marks")
-        try:
-            self._call(
-                "update_item",
-                Key={"pk": {"S": limit.key}},
-                UpdateExpression="SET #rt = :rt, #exp = :exp ADD #v :one",
-                ConditionExpression="attribute_not_exists(#rt) OR #rt < :rt",
-                ExpressionAttributeNames={"#rt": "realtime_until", "#v": "v", "#exp": "expires_at"},
-                ExpressionAttributeValues={
-                    ":rt": {"N": repr(until)},
-                    ":one": {"N": "1"},
-                    ":exp": {"N": self._expires_at(limit, now, state.cooldown_until, until)},
-                },
-            )
-        except ClientError:
-            pass  # someone already recorded a later demand
+        self._update(
+            limit.key,
+            UpdateExpression="SET #rt = :rt, #exp = :exp",
+            ConditionExpression="attribute_not_exists(#rt) OR #rt < :rt",
+            ExpressionAttributeNames={"#rt": "realtime_until", "#exp": "expires_at"},
+            ExpressionAttributeValues={
+                ":rt": _n(until),
+                ":exp": self._expires_at(limit, now, state.cooldown_until, until),
+            },
+        )
 
     def _validate(self, limit: LimitSpec, tokens: int) -> None:
         if tokens < 0:
@@ -414,20 +581,26 @@ class RateLimitLedger:
             )
 
     def _jitter(self, limit: LimitSpec) -> float:
-        return self._random.uniform(0, min(0.25 * slot_seconds(limit, self.slots_per_window), 0.05))
+        # Spread waiters that target the same boundary, so most find the slot taken by a read, not a failed write.
+        return self._random.uniform(0, min(0.5 * slot_seconds(limit, self.slots_per_window), 0.1))
 
     def acquire(self, limit: LimitSpec, tokens: int, lane: Lane, *, max_wait_seconds: float) -> Reservation:
         """Block until `tokens` and one request are reserved; ServiceOverloaded if that takes too long."""
         self._validate(limit, tokens)
         lane = Lane(lane)
         start = self.clock()
-        state: LedgerState | None = None
+        state = self._hints.get(limit.key)
+        fresh = False  # a hint may be stale: it can start a write, never a wait
+        conflicts = 0
         while True:
             now = self.clock()
             try:
                 if state is None:
-                    state = self._read(limit.key)
-                wait = plan_wait(
+                    state, fresh = self._read(limit.key), True
+                    if not state.consistent():
+                        state = self._repair(limit, state)
+                        continue
+                plan = plan_grant(
                     state,
                     limit,
                     tokens,
@@ -437,29 +610,38 @@ class RateLimitLedger:
                     bulk_ceiling=self.bulk_ceiling,
                     guard_seconds=self.guard_seconds,
                 )
-                if wait == 0:
+                if plan.compact_only and not plan.compact:
+                    # Totals that no removal can bring under the cap while the slots say it fits.
+                    state = self._repair(limit, state) if fresh else None
+                    continue
+                if plan.wait == 0:
                     slot = slot_of(now, slot_seconds(limit, self.slots_per_window))
-                    try:
-                        self._grant(limit, state, tokens, lane, now, slot)
-                    except ClientError as exc:
+                    new_state, written = self._write_grant(limit, state, plan, tokens, lane, now, slot)
+                    if written and not plan.compact_only:
+                        self._count("grants")
+                        return Reservation(limit, tokens, lane, slot, now - start, granted_at=now)
+                    if not written:
+                        # The failed condition handed back the item as it is now: decide again on it.
                         self._count("conflicts")
-                        # The failed condition hands back the item as it is now: decide again on it.
-                        item = exc.response.get("Item")
-                        state = parse_item(item) if item else None
-                        continue
-                    self._count("grants")
-                    return Reservation(limit, tokens, lane, slot, now - start, granted_at=now)
+                        conflicts += 1
+                        if conflicts % _CONFLICTS_BEFORE_BACKOFF == 0:
+                            self.sleep(self._jitter(limit))
+                    state, fresh = new_state, new_state is not None
+                    continue
+                if not fresh:
+                    state = None
+                    continue
                 elapsed = now - start
-                if elapsed + wait > max_wait_seconds:
-                    if lane is Lane.REALTIME and math.isfinite(wait):
-                        self._mark_demand(limit, state, now + min(wait, limit.window_seconds), now)
+                if elapsed + plan.wait > max_wait_seconds:
+                    if lane is Lane.REALTIME and math.isfinite(plan.wait):
+                        self._mark_demand(limit, state, now + min(plan.wait, limit.window_seconds), now)
                     self._count("overloaded")
                     raise ServiceOverloaded(
-                        f"the rate limit of {limit.key} is spent for {wait:.2f}s, longer than the "
+                        f"the rate limit of {limit.key} is spent for {plan.wait:.2f}s, longer than the "
                         f"{max_wait_seconds:g}s this caller may wait",
-                        retry_after=wait,
+                        retry_after=plan.wait if math.isfinite(plan.wait) else limit.window_seconds,
                     )
-                pause = min(wait, _MAX_SLEEP_SECONDS, limit.window_seconds / 4) + self._jitter(limit)
+                pause = min(plan.wait, _MAX_SLEEP_SECONDS, limit.window_seconds / 4) + self._jitter(limit)
                 if lane is Lane.REALTIME:
                     margin = max(2 * slot_seconds(limit, self.slots_per_window), 0.2)
                     self._mark_demand(limit, state, now + pause + margin, now)
@@ -481,7 +663,11 @@ class RateLimitLedger:
         """Grant from this process's conservative share while DynamoDB is unreachable."""
         logger.warning(
             "rate-limit ledger unavailable; realtime caller uses the in-process fallback limiter",
-            extra={"limit_key": limit.key, "error": repr(error.__cause__), "fraction": self.fallback_fraction},
+            extra={
+                "limit_key": limit.key,
+                "error": repr(error.__cause__),
+                "fraction": self.fallback_fraction,
+            },
         )
         token_cap = self.fallback_fraction * limit.tpm
         request_cap = max(1.0, math.floor(self.fallback_fraction * limit.rpm))
@@ -521,18 +707,29 @@ class RateLimitLedger:
             return
         now = self.clock()
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        if reservation.slot < first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds):
-            return  # the slot has left every window: nobody counts it any more
+        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds)
+        # Close to leaving the window, the slot may be removed under us: extra usage then goes to the
+        # current slot (counted longer, safe), and a refund is dropped (the estimate stands, safe).
+        if reservation.slot >= oldest + 2:
+            slot = reservation.slot
+        elif delta > 0:
+            slot = slot_of(now, seconds_per_slot)
+        else:
+            return
         try:
-            self._call(
-                "update_item",
-                Key={"pk": {"S": limit.key}},
-                UpdateExpression=f"SET #exp = if_not_exists(#exp, :exp) ADD t_{reservation.slot} :delta, #v :one",
-                ExpressionAttributeNames={"#v": "v", "#exp": "expires_at"},
+            self._update(
+                limit.key,
+                UpdateExpression=f"SET #exp = if_not_exists(#exp, :exp) ADD t_{slot} :delta, r_{slot} :zero, "
+                "#tt :delta, #tr :zero",
+                ExpressionAttributeNames={
+                    "#tt": "tokens_total",
+                    "#tr": "requests_total",
+                    "#exp": "expires_at",
+                },
                 ExpressionAttributeValues={
-                    ":delta": {"N": str(delta)},
-                    ":one": {"N": "1"},
-                    ":exp": {"N": self._expires_at(limit, now)},
+                    ":delta": _n(delta),
+                    ":zero": _n(0),
+                    ":exp": self._expires_at(limit, now),
                 },
             )
             self._count("reconcile_writes")
@@ -547,26 +744,24 @@ class RateLimitLedger:
         now = self.clock()
         until = now + max(float(retry_after_seconds), 0.0)
         self._count("throttles_reported")
-        self._remember_cooldown(limit.key, until)
+        with self._lock:
+            self._local_cooldowns[limit.key] = max(self._local_cooldowns.get(limit.key, 0.0), until)
         try:
-            self._call(
-                "update_item",
-                Key={"pk": {"S": limit.key}},
-                UpdateExpression="SET #cd = :cd, #exp = :exp ADD #v :one",
+            self._update(
+                limit.key,
+                UpdateExpression="SET #cd = :cd, #exp = :exp",
                 ConditionExpression="attribute_not_exists(#cd) OR #cd < :cd",
-                ExpressionAttributeNames={"#cd": "cooldown_until", "#v": "v", "#exp": "expires_at"},
-                ExpressionAttributeValues={
-                    ":cd": {"N": repr(until)},
-                    ":one": {"N": "1"},
-                    ":exp": {"N": self._expires_at(limit, now, until)},
-                },
+                ExpressionAttributeNames={"#cd": "cooldown_until", "#exp": "expires_at"},
+                ExpressionAttributeValues={":cd": _n(until), ":exp": self._expires_at(limit, now, until)},
             )
-        except ClientError:
-            pass  # a later cooldown is already recorded
         except _LedgerDown as exc:
             logger.warning(
                 "could not record a provider 429 in the ledger; only this process backs off",
-                extra={"limit_key": limit.key, "retry_after": retry_after_seconds, "error": repr(exc.__cause__)},
+                extra={
+                    "limit_key": limit.key,
+                    "retry_after": retry_after_seconds,
+                    "error": repr(exc.__cause__),
+                },
             )
 
 
@@ -601,7 +796,9 @@ def create_ledger_table(client, table_name: str) -> None:
             KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
             BillingMode="PAY_PER_REQUEST",
         )
-        client.get_waiter("table_exists").wait(TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        client.get_waiter("table_exists").wait(
+            TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+        )
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
             raise

@@ -71,6 +71,11 @@ class EmbeddingRouter:
         for endpoint in model.endpoints:
             provider = self.providers[endpoint.provider]
             limit = self.limit_for(endpoint.provider, endpoint.model_name)
+            warm = getattr(provider, "warm", None)
+            if callable(warm):
+                # Build the HTTP client before reserving: a grant should reach the provider promptly,
+                # inside the ledger's guard time, not after a cold import.
+                warm()
             for _ in range(self.max_rate_limited_tries):
                 try:
                     reservation = self.ledger.acquire(

@@ -74,6 +74,10 @@ class OpenAIHttpProvider:
                 )
             return self._client
 
+    def warm(self) -> None:
+        """Create the SDK client (imports, key lookup) ahead of the first call."""
+        self.client()
+
     def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
         import openai
 

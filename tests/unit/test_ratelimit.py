@@ -1,0 +1,530 @@
+"""The rate-limit ledger against moto's DynamoDB: budget, reconcile, cooldowns, lanes, failures."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moto import mock_aws
+
+from embedsvc.errors import InvalidRequest, LedgerUnavailable, ServiceOverloaded
+from embedsvc.services.ratelimit import (
+    Lane,
+    LimitSpec,
+    NoopLedger,
+    RateLimitLedger,
+    create_ledger_table,
+    slot_of,
+    wait_until_fits,
+)
+
+TABLE = "ratelimit-test"
+LIMIT = LimitSpec(key="openai:text-embedding-3-small", tpm=1000, rpm=100, window_seconds=60.0)
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    """Time that moves only when someone sleeps."""
+
+    def __init__(self, start: float = T0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def atomic_moto_items(monkeypatch):
+    """Serialize moto's item operations, as DynamoDB serializes writes to one item.
+
+    moto checks a ConditionExpression and applies the update in separate steps without a lock; real
+    DynamoDB never lets two conditional writes interleave, and the ledger's safety rests on that.
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in ("get_item", "put_item", "update_item", "delete_item"):
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(self, *args, _original=original, **kwargs):
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, locked)
+
+
+@pytest.fixture
+def ddb():
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name="us-east-1")
+        create_ledger_table(client, TABLE)
+        yield client
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def ledger_for(client, clock: FakeClock, **kwargs) -> RateLimitLedger:
+    """One 'process': its own ledger instance on the shared table."""
+    return RateLimitLedger(TABLE, client, clock=clock, sleep=clock.sleep, **kwargs)
+
+
+def item(client, key: str = LIMIT.key) -> dict:
+    return client.get_item(TableName=TABLE, Key={"pk": {"S": key}}, ConsistentRead=True).get("Item", {})
+
+
+def max_in_any_window(events: list[tuple[float, int]], window: float) -> tuple[int, int]:
+    """Most tokens and requests in any (T - window, T] that ends at an event."""
+    events = sorted(events)
+    most_tokens = most_requests = 0
+    left = 0
+    total = 0
+    for right, (at, tokens) in enumerate(events):
+        total += tokens
+        while events[left][0] <= at - window:
+            total -= events[left][1]
+            left += 1
+        most_tokens = max(most_tokens, total)
+        most_requests = max(most_requests, right - left + 1)
+    return most_tokens, most_requests
+
+
+class ClientProxy:
+    """A boto3 client stand-in: passes calls through, or fails them while `failures` lasts."""
+
+    def __init__(self, client, error: Exception | None = None, failures: int = 10**9):
+        self._client = client
+        self.error = error
+        self.failures = failures
+        self.calls: list[str] = []
+        self.before_update = None  # a hook that runs once, just before the next update_item
+
+    def __getattr__(self, name):
+        method = getattr(self._client, name)
+
+        def call(**kwargs):
+            self.calls.append(name)
+            if self.error is not None and self.failures > 0:
+                self.failures -= 1
+                raise self.error
+            if name == "update_item" and self.before_update:
+                hook, self.before_update = self.before_update, None
+                hook()
+            return method(**kwargs)
+
+        return call
+
+
+def throttled() -> ClientError:
+    return ClientError(
+        {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}}, "UpdateItem"
+    )
+
+
+def unreachable() -> EndpointConnectionError:
+    return EndpointConnectionError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com")
+
+
+# The window arithmetic, on its own
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    slots_per_window=st.integers(1, 20),
+    guard=st.sampled_from([0.0, 0.05, 0.3]),
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 3.0), st.integers(1, 400), st.booleans()), min_size=1, max_size=80
+    ),
+)
+def test_grants_by_the_slot_arithmetic_never_exceed_the_limit_in_any_window(slots_per_window, guard, steps):
+    """Given callers that take a grant when it fits or sleep exactly the computed wait, no continuous
+    window of the provider (extended by the guard) ever holds more than the limit."""
+    window, tpm, rpm = 10.0, 1000, 7
+    seconds = window / slots_per_window
+    slots: dict[int, list[int]] = {}
+    grants: list[tuple[float, int]] = []
+    now = T0
+    for gap, tokens, sleeps in steps:
+        now += gap
+        while True:
+            wait = wait_until_fits(
+                sorted((s, t, r) for s, (t, r) in slots.items()),
+                now=now,
+                seconds_per_slot=seconds,
+                slots_per_window=slots_per_window,
+                guard_seconds=guard,
+                tokens=tokens,
+                token_cap=tpm,
+                request_cap=rpm,
+            )
+            if wait == 0:
+                slot = slots.setdefault(slot_of(now, seconds), [0, 0])
+                slot[0] += tokens
+                slot[1] += 1
+                grants.append((now, tokens))
+                break
+            if not sleeps:
+                break
+            now += wait  # the computed wait is enough: the next try fits
+    most_tokens, most_requests = max_in_any_window(grants, window + guard)
+    assert most_tokens <= tpm
+    assert most_requests <= rpm
+
+
+def test_the_computed_wait_is_exactly_when_the_request_fits():
+    slots = [(slot_of(T0, 1.0), 900, 1)]
+    kwargs = dict(
+        seconds_per_slot=1.0,
+        slots_per_window=60,
+        guard_seconds=0.0,
+        tokens=200,
+        token_cap=1000,
+        request_cap=10,
+    )
+    wait = wait_until_fits(slots, now=T0 + 5, **kwargs)
+    assert 55 < wait < 57  # the slot counts for the window plus one slot
+    assert wait_until_fits(slots, now=T0 + 5 + wait, **kwargs) == 0
+    assert wait_until_fits(slots, now=T0 + 5 + wait - 0.01, **kwargs) > 0
+
+
+# Calls per grant
+
+
+def test_happy_path_costs_one_read_and_one_write_then_one_write(ddb, clock):
+    proxy = ClientProxy(ddb)
+    ledger = ledger_for(proxy, clock)
+    first = ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    assert proxy.calls == ["get_item", "update_item"]
+    clock.sleep(0.5)
+    ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    assert proxy.calls[2:] == ["update_item"]  # the last item seen says it fits: the write alone decides
+    ledger.reconcile(first, 100)
+    assert len(proxy.calls) == 3  # an exact estimate needs no correction
+    assert ledger.stats()["grants"] == 2
+
+
+# Many concurrent callers
+
+
+def test_sixteen_threads_never_exceed_the_limit_in_any_window(ddb):
+    limit = LimitSpec(key="sim:concurrent", tpm=1000, rpm=20, window_seconds=1.0)
+    ledgers = [RateLimitLedger(TABLE, ddb, slots_per_window=10) for _ in range(16)]  # sixteen "processes"
+    grants: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    deadline = time.time() + 2.5
+    start = threading.Barrier(16)
+
+    def work(index: int) -> None:
+        ledger = ledgers[index]
+        rng = random.Random(index)
+        start.wait()
+        while time.time() < deadline:
+            estimate = rng.randint(30, 150)
+            lane = Lane.REALTIME if index % 4 == 0 else Lane.BULK
+            try:
+                reservation = ledger.acquire(limit, estimate, lane, max_wait_seconds=1.0)
+            except ServiceOverloaded:
+                continue
+            actual = rng.randint(estimate // 2, estimate)  # the provider reports at most the estimate
+            ledger.reconcile(reservation, actual)
+            with lock:
+                grants.append((reservation.granted_at, actual))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    most_tokens, most_requests = max_in_any_window(grants, limit.window_seconds)
+    assert len(grants) >= limit.rpm  # the budget was contended, not idle
+    assert most_tokens <= limit.tpm
+    assert most_requests <= limit.rpm
+
+
+def test_a_write_that_races_the_read_cannot_over_grant(ddb, clock):
+    proxy = ClientProxy(ddb)
+    first, second = ledger_for(proxy, clock), ledger_for(ddb, clock)
+    first.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)  # leaves a hint that 900 fit
+    proxy.before_update = lambda: second.acquire(LIMIT, 800, Lane.BULK, max_wait_seconds=0)
+    with pytest.raises(ServiceOverloaded):
+        first.acquire(LIMIT, 800, Lane.BULK, max_wait_seconds=0)
+    assert first.stats()["conflicts"] == 1
+    assert item(ddb)["tokens_total"]["N"] == "900"
+
+
+# Reconcile
+
+
+def test_reconcile_down_returns_the_difference_to_everyone(ddb, clock):
+    worker, other = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    reservation = worker.acquire(LIMIT, 600, Lane.REALTIME, max_wait_seconds=0)
+    worker.reconcile(reservation, 200)
+    with pytest.raises(ServiceOverloaded):
+        other.acquire(LIMIT, 801, Lane.REALTIME, max_wait_seconds=0)
+    assert other.acquire(LIMIT, 800, Lane.REALTIME, max_wait_seconds=0).waited_seconds == 0
+
+
+def test_reconcile_up_reduces_what_others_can_get(ddb, clock):
+    worker, other = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    reservation = worker.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
+    worker.reconcile(reservation, 600)
+    with pytest.raises(ServiceOverloaded):
+        other.acquire(LIMIT, 401, Lane.REALTIME, max_wait_seconds=0)
+    assert other.acquire(LIMIT, 400, Lane.REALTIME, max_wait_seconds=0)
+    assert item(ddb)["tokens_total"]["N"] == "1000"
+
+
+def test_late_reconcile_refund_is_dropped_and_late_overuse_lands_in_the_current_slot(ddb, clock):
+    proxy = ClientProxy(ddb)
+    ledger = ledger_for(proxy, clock)
+    reservation = ledger.acquire(LIMIT, 300, Lane.BULK, max_wait_seconds=0)
+    clock.sleep(LIMIT.window_seconds + 5)  # the reservation's slot has left every window
+    calls = len(proxy.calls)
+    ledger.reconcile(reservation, 100)
+    assert len(proxy.calls) == calls
+    ledger.reconcile(reservation, 500)
+    current = slot_of(clock(), LIMIT.window_seconds / 60)
+    assert item(ddb)[f"t_{current}"]["N"] == "200"
+
+
+# Cooldowns
+
+
+def test_a_throttle_reported_by_one_process_stops_every_caller(ddb, clock):
+    hit, other = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    hit.report_throttle(LIMIT, 30)
+    for lane in Lane:
+        with pytest.raises(ServiceOverloaded) as refused:
+            other.acquire(LIMIT, 10, lane, max_wait_seconds=5)
+        assert refused.value.retry_after == pytest.approx(30, abs=0.01)
+    reservation = other.acquire(LIMIT, 10, Lane.BULK, max_wait_seconds=60)
+    assert reservation.granted_at >= T0 + 30
+    assert reservation.waited_seconds >= 30
+
+
+def test_a_shorter_throttle_never_shortens_the_cooldown(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    ledger.report_throttle(LIMIT, 30)
+    ledger.report_throttle(LIMIT, 2)
+    assert float(item(ddb)["cooldown_until"]["N"]) == pytest.approx(T0 + 30)
+
+
+# Lanes
+
+
+def test_bulk_uses_the_whole_budget_while_users_are_idle(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    for _ in range(10):
+        ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    with pytest.raises(ServiceOverloaded):
+        ledger.acquire(LIMIT, 1, Lane.BULK, max_wait_seconds=0)
+
+
+def test_bulk_stops_at_the_ceiling_while_users_are_active_and_realtime_takes_the_rest(ddb, clock):
+    api, worker = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    api.acquire(LIMIT, 50, Lane.REALTIME, max_wait_seconds=0)
+    bulk_tokens = 0
+    with pytest.raises(ServiceOverloaded):
+        while True:
+            worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+            bulk_tokens += 100
+    assert 50 + bulk_tokens == 750  # 800 is the ceiling: one more 100 would cross it
+    assert api.acquire(LIMIT, 250, Lane.REALTIME, max_wait_seconds=0).waited_seconds == 0
+
+
+def test_bulk_returns_to_the_whole_budget_once_users_leave(ddb, clock):
+    api, worker = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    api.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=0)
+    clock.sleep(LIMIT.window_seconds + 2)  # no realtime use for a whole window
+    for _ in range(10):
+        worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+
+
+@pytest.mark.parametrize("realtime_waiting", [True, False])
+def test_a_waiting_realtime_caller_is_not_starved_by_bulk_in_other_processes(ddb, clock, realtime_waiting):
+    """Bulk fills the window while users are idle; a user arrives. The slot that frees next must go to the
+    user, though a bulk worker elsewhere asks for it first."""
+    worker = ledger_for(ddb, clock)
+    worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    clock.sleep(1.0)
+    for _ in range(9):
+        worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)  # 1000 of 1000, users idle
+    clock.sleep(5.0)
+    first_slot_leaves = T0 + LIMIT.window_seconds + 1.0  # the window plus one slot
+    bulk_outcomes: list[tuple[float, str]] = []
+
+    def bulk_asks_whenever_the_user_sleeps(seconds: float) -> None:
+        clock.sleep(seconds)
+        try:
+            worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+            bulk_outcomes.append((clock(), "granted"))
+        except ServiceOverloaded:
+            bulk_outcomes.append((clock(), "refused"))
+
+    if realtime_waiting:
+        api = RateLimitLedger(TABLE, ddb, clock=clock, sleep=bulk_asks_whenever_the_user_sleeps)
+        reservation = api.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=120)
+        assert reservation.granted_at > first_slot_leaves
+        # Bulk asked after the slot freed, before the user woke, and was refused: the user got it.
+        assert any(at > first_slot_leaves for at, _ in bulk_outcomes)
+        assert all(outcome == "refused" for _, outcome in bulk_outcomes)
+    else:
+        clock.sleep(first_slot_leaves + 1.0 - clock())
+        bulk_asks_whenever_the_user_sleeps(0.0)
+        assert bulk_outcomes[-1][1] == "granted"  # without the user's demand, bulk may take it
+
+
+def test_a_refused_realtime_caller_still_makes_bulk_yield(ddb, clock):
+    worker, api = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    for _ in range(10):
+        worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    with pytest.raises(ServiceOverloaded):
+        api.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
+    assert float(item(ddb)["realtime_until"]["N"]) > clock()
+
+
+# Waiting limits
+
+
+def test_max_wait_exceeded_raises_service_overloaded_with_an_honest_retry_after(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    ledger.acquire(LIMIT, 1000, Lane.BULK, max_wait_seconds=0)
+    clock.sleep(10)
+    with pytest.raises(ServiceOverloaded) as refused:
+        ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=5)
+    assert refused.value.status == 429
+    retry_after = refused.value.retry_after
+    assert 50 < retry_after < 52  # the window plus one slot plus the guard, from the grant
+    clock.sleep(retry_after)
+    assert ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0).waited_seconds == 0
+
+
+def test_waiting_sleeps_until_the_budget_frees_instead_of_polling(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    ledger.acquire(LIMIT, 1000, Lane.BULK, max_wait_seconds=0)
+    reservation = ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=120)
+    assert 61 <= reservation.waited_seconds < 62
+    assert ledger.stats()["waits"] <= 61 / 5 + 1  # sleeps are capped at 5 s, never short polls
+
+
+def test_a_request_larger_than_the_budget_is_rejected_outright(ddb, clock):
+    with pytest.raises(InvalidRequest):
+        ledger_for(ddb, clock).acquire(LIMIT, LIMIT.tpm + 1, Lane.REALTIME, max_wait_seconds=60)
+
+
+# DynamoDB failures
+
+
+@pytest.mark.parametrize("error", [throttled(), unreachable()], ids=["throughput-exceeded", "no-endpoint"])
+def test_bulk_raises_ledger_unavailable_when_dynamodb_fails(ddb, clock, error):
+    ledger = ledger_for(ClientProxy(ddb, error), clock)
+    with pytest.raises(LedgerUnavailable) as unavailable:
+        ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=60)
+    assert unavailable.value.retryable
+
+
+@pytest.mark.parametrize("error", [throttled(), unreachable()], ids=["throughput-exceeded", "no-endpoint"])
+def test_realtime_falls_back_to_a_fraction_of_the_limit_when_dynamodb_fails(ddb, clock, error):
+    ledger = ledger_for(ClientProxy(ddb, error), clock)
+    granted = [ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0) for _ in range(2)]
+    assert all(r.fallback for r in granted)
+    with pytest.raises(ServiceOverloaded) as refused:
+        ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)  # 300 > 0.25 x 1000
+    assert refused.value.retry_after == pytest.approx(LIMIT.window_seconds, abs=0.01)
+    later = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=120)
+    assert later.fallback and later.waited_seconds >= LIMIT.window_seconds
+    assert ledger.stats()["fallback_grants"] == 3
+
+
+def test_fallback_counts_reconciled_usage(ddb, clock):
+    ledger = ledger_for(ClientProxy(ddb, throttled()), clock)
+    reservation = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
+    ledger.reconcile(reservation, 250)
+    with pytest.raises(ServiceOverloaded):
+        ledger.acquire(LIMIT, 1, Lane.REALTIME, max_wait_seconds=0)
+
+
+def test_fallback_honours_a_throttle_this_process_saw(ddb, clock):
+    ledger = ledger_for(ClientProxy(ddb, unreachable()), clock)
+    ledger.report_throttle(LIMIT, 20)  # the write fails; the process still remembers
+    with pytest.raises(ServiceOverloaded) as refused:
+        ledger.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=5)
+    assert refused.value.retry_after == pytest.approx(20, abs=0.01)
+
+
+def test_realtime_returns_to_dynamodb_on_the_next_call(ddb, clock):
+    proxy = ClientProxy(ddb, throttled(), failures=1)
+    ledger = ledger_for(proxy, clock)
+    assert ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0).fallback
+    back = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
+    assert not back.fallback
+    assert item(ddb)["tokens_total"]["N"] == "100"
+
+
+def test_a_failed_reconcile_or_throttle_report_does_not_raise(ddb, clock):
+    proxy = ClientProxy(ddb)
+    ledger = ledger_for(proxy, clock)
+    reservation = ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    proxy.error = unreachable()
+    ledger.reconcile(reservation, 150)
+    ledger.report_throttle(LIMIT, 5)
+    assert ledger.stats()["ledger_errors"] == 2
+
+
+# The item
+
+
+def test_create_ledger_table_is_idempotent_and_enables_ttl(ddb):
+    create_ledger_table(ddb, TABLE)
+    ttl = ddb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expires_at"}
+    schema = ddb.describe_table(TableName=TABLE)["Table"]["KeySchema"]
+    assert schema == [{"AttributeName": "pk", "KeyType": "HASH"}]
+
+
+def test_old_slots_are_removed_and_the_item_expires_when_idle(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    for _ in range(30):
+        ledger.acquire(LIMIT, 10, Lane.BULK, max_wait_seconds=0)
+        clock.sleep(7.0)  # 210 s: several windows' worth of slots
+    stored = item(ddb)
+    state_slots = sorted(int(name[2:]) for name in stored if name.startswith("t_"))
+    assert len(state_slots) <= 9 + 8  # about 9 grants in the window, fewer than 8 waiting for removal
+    assert int(stored["removed_below"]["N"]) > slot_of(T0, 1.0)
+    assert int(stored["tokens_total"]["N"]) == sum(int(stored[f"t_{s}"]["N"]) for s in state_slots)
+    assert int(stored["expires_at"]["N"]) >= clock() - 7.0 + 2 * LIMIT.window_seconds
+
+
+def test_totals_that_disagree_with_their_slots_are_repaired(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    ddb.update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": LIMIT.key}},
+        UpdateExpression="SET tokens_total = :big",
+        ExpressionAttributeValues={":big": {"N": "5000"}},
+    )
+    fresh = ledger_for(ddb, clock)
+    fresh.acquire(LIMIT, 900, Lane.BULK, max_wait_seconds=0)
+    assert fresh.stats()["repairs"] == 1
+    assert item(ddb)["tokens_total"]["N"] == "1000"
+
+
+def test_noop_ledger_grants_at_once():
+    ledger = NoopLedger()
+    reservation = ledger.acquire(LIMIT, 10**9, Lane.BULK, max_wait_seconds=0)
+    ledger.reconcile(reservation, 5)
+    ledger.report_throttle(LIMIT, 30)
+    assert reservation.waited_seconds == 0
+    assert ledger.stats()["grants"] == 1
