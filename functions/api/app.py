@@ -52,7 +52,7 @@ app = APIGatewayRestResolver(enable_validation=True)
 def create_embeddings(
     request: EmbeddingRequest,
 ):  # no return annotation: the body is pre-serialized JSON (fast for large vectors); its schema is declared in `responses`
-    context = principal_context(app.current_event)
+    context = principal_context(app.current_event, container.settings().cost_sources)
     result = container.embedding_service().embed(
         request.inputs(), request.model, context=context, dimensions=request.dimensions
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes import SQSEvent
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -9,7 +11,14 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from embedsvc import container
 from embedsvc.services.indexing import Incoming
 
+SAFETY_SECONDS = 10.0
 logger = Logger()
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
 tracer = Tracer()
 
 
@@ -17,10 +26,12 @@ tracer = Tracer()
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     batch = [
-        Incoming(record.message_id, record.body or "", int(record.attributes.approximate_receive_count or 1))
+        Incoming(record.message_id, record.body or "", _int_or_none(record.attributes.sent_timestamp))
         for record in SQSEvent(event).records
     ]
-    outcome = container.indexer().process(batch)
+    # Leave time to answer: work not started 10 s before the timeout is returned for redelivery.
+    deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000 - SAFETY_SECONDS
+    outcome = container.indexer().process(batch, deadline=deadline)
     logger.info(
         "batch processed",
         extra={

@@ -205,3 +205,46 @@ def test_spent_rate_limit_budget_sheds_load_with_429_and_retry_after(aws, sim, e
     assert body["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["retry-after"]) >= 1
     assert sim.calls == 5  # the ledger said no before the provider could
+
+
+def test_unknown_cost_source_is_a_400_naming_the_allowed_ones(service, call_api, sim):
+    status, body, _ = call_api({"input": "hello", "model": TE3S}, headers={"X-Cost-Source": "marketing"})
+    assert status == 400
+    assert body["error"]["param"] == "X-Cost-Source" and "user_query" in body["error"]["message"]
+    assert sim.calls == 0
+
+
+def test_the_cache_is_scoped_by_tenant(service, sim):
+    import json as _json
+
+    from embedsvc.local.gateway import rest_event
+    from embedsvc.local.lambda_context import LocalLambdaContext
+    from functions.api.app import lambda_handler
+
+    def call_as(tenant: str) -> dict:
+        event = rest_event(
+            "POST",
+            "/v1/embeddings",
+            {"Content-Type": "application/json"},
+            _json.dumps({"input": "a private note", "model": TE3S}),
+            {"principalId": f"user-{tenant}", "tenant_id": tenant, "user_id": f"user-{tenant}"},
+        )
+        return lambda_handler(event, LocalLambdaContext("api"))
+
+    call_as("tenant-a")
+    answer = call_as("tenant-b")  # tenant-b must not learn that tenant-a embedded this text
+    assert answer["multiValueHeaders"]["X-Cache-Hits"] == ["0"]
+    assert sim.calls == 2
+    call_as("tenant-a")
+    assert sim.calls == 2  # tenant-a's own repeat is a hit
+
+
+def test_requests_are_split_below_the_tightest_providers_token_budget(service):
+    from embedsvc.services.ratelimit import Lane
+
+    embeddings = service.embedding_service()
+    spec = embeddings.registry.model("te3s")
+    embeddings.registry.providers["sim"].tpm = 1000
+    embeddings.bulk_ceiling = 0.8
+    assert embeddings.request_limits(spec, Lane.REALTIME).max_tokens == 1000
+    assert embeddings.request_limits(spec, Lane.BULK).max_tokens == 800

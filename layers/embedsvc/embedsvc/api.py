@@ -16,16 +16,19 @@ from embedsvc.observability import CallContext
 JSON = "application/json"
 
 
-def principal_context(event) -> CallContext:
+def principal_context(event, allowed_sources: list[str]) -> CallContext:
     """Cost tags: source and task from headers; the user only from the authorizer, never from the body."""
     authorizer = event.request_context.authorizer
     raw = authorizer.raw_event if authorizer else {}
-    source = (
-        event.get_header_value("X-Cost-Source", default_value="user_query", case_sensitive=False)
-        or "user_query"
-    )
+    header = event.get_header_value("X-Cost-Source", default_value="user_query", case_sensitive=False)
+    source = (header or "user_query").strip().lower()
+    if source not in allowed_sources:
+        raise InvalidRequest(
+            f"Unknown cost source {source[:64]!r} in X-Cost-Source; allowed: {', '.join(allowed_sources)}.",
+            param="X-Cost-Source",
+        )
     return CallContext(
-        source=source.strip().lower()[:64],
+        source=source,
         user_id=raw.get("user_id") or raw.get("principalId"),
         tenant_id=raw.get("tenant_id"),
         task_id=event.get_header_value("X-Task-Id", case_sensitive=False),

@@ -47,7 +47,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from embedsvc import container
 
-    container.api_keys().revoke(args.key)
+    # The key is read from stdin, never from argv, where shell history and `ps` would keep it.
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: give the key to revoke on stdin", file=sys.stderr)
+        return 2
+    container.api_keys().revoke(key)
     print("revoked", file=sys.stderr)
     return 0
 
@@ -63,7 +68,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         print("error: INDEX_QUEUE_URL is not set", file=sys.stderr)
         return 2
     sqs = client("sqs")
-    sent, bad = 0, 0
+    sent, bad, failed = 0, 0, 0
+
+    def send(entries: list[dict], sent: int, failed: int) -> tuple[int, int]:
+        answer = sqs.send_message_batch(QueueUrl=settings.index_queue_url, Entries=entries)
+        for entry in answer.get("Failed", []):  # SQS accepts a batch partly: report, never count as sent
+            print(
+                f"not sent: {entries[int(entry['Id'])]['MessageBody'][:80]}: {entry.get('Message')}",
+                file=sys.stderr,
+            )
+        return sent + len(answer.get("Successful", [])), failed + len(answer.get("Failed", []))
+
     batch: list[dict] = []
     source = sys.stdin if str(args.file) == "-" else Path(args.file).open()  # noqa: SIM115 (closed below)
     with source:
@@ -78,13 +93,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 continue
             batch.append({"Id": str(len(batch)), "MessageBody": line.strip()})
             if len(batch) == 10:
-                sqs.send_message_batch(QueueUrl=settings.index_queue_url, Entries=batch)
-                sent, batch = sent + len(batch), []
+                sent, failed = send(batch, sent, failed)
+                batch = []
     if batch:
-        sqs.send_message_batch(QueueUrl=settings.index_queue_url, Entries=batch)
-        sent += len(batch)
-    print(json.dumps({"sent": sent, "rejected": bad}))
-    return 1 if bad else 0
+        sent, failed = send(batch, sent, failed)
+    print(json.dumps({"sent": sent, "rejected": bad, "failed": failed}))
+    return 1 if bad or failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True, help="user id for cost attribution")
     create.add_argument("--name", help="a label for the key")
     create.set_defaults(func=cmd_keys_create)
-    revoke = key_commands.add_parser("revoke", help="revoke a key")
-    revoke.add_argument("key", help="the key to revoke")
+    revoke = key_commands.add_parser(
+        "revoke", help='revoke a key read from stdin: echo "$KEY" | embedsvc keys revoke'
+    )
     revoke.set_defaults(func=cmd_keys_revoke)
 
     enqueue = commands.add_parser(

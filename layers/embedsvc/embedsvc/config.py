@@ -185,7 +185,18 @@ class Settings(BaseModel):
     # How long a caller may wait for rate-limit budget before the service sheds it (API: 429; worker: retry).
     realtime_max_wait_seconds: float = Field(default=5.0, ge=0)
     bulk_max_wait_seconds: float = Field(default=60.0, ge=0)
-    max_body_bytes: int = 6 * 1024 * 1024  # the Lambda synchronous payload limit
+    # Cost centers callers may name (X-Cost-Source, a message's `source`): a CloudWatch dimension, so the
+    # set is closed, keeping metric cardinality and the dashboard under control.
+    cost_sources: list[str] = Field(
+        default_factory=lambda: [
+            "user_query",
+            "note_index",
+            "verse_index",
+            "reindex",
+            "backfill",
+            "evaluation",
+        ]
+    )
     registry: Registry
 
     @classmethod
@@ -233,6 +244,8 @@ class Settings(BaseModel):
                 fields["content_models"] = json.loads(raw_models)
             except ValueError as exc:
                 raise ConfigError(f"CONTENT_MODELS is not JSON: {exc}") from exc
+        if raw_sources := env.get("COST_SOURCES"):
+            fields["cost_sources"] = [s.strip() for s in raw_sources.split(",") if s.strip()]
         for var, field in mapping.items():
             if env.get(var):
                 fields[field] = env[var]

@@ -53,7 +53,7 @@ def ledger():
         from embedsvc.services.ratelimit import RateLimitLedger
 
         s = settings()
-        return RateLimitLedger(s.ledger_table, client("dynamodb"), bulk_ceiling=s.bulk_ceiling)
+        return RateLimitLedger(s.ledger_table, client("dynamodb", fast=True), bulk_ceiling=s.bulk_ceiling)
 
     return _get("ledger", build)
 
@@ -64,7 +64,7 @@ def cache():
         from embedsvc.adapters.cache import EmbeddingCache
 
         s = settings()
-        return EmbeddingCache(s.cache_table, client("dynamodb"), ttl_seconds=s.cache_ttl_seconds)
+        return EmbeddingCache(s.cache_table, client("dynamodb", fast=True), ttl_seconds=s.cache_ttl_seconds)
 
     return _get("cache", build)
 
@@ -103,7 +103,9 @@ def embedding_service():
 
         s = settings()
         waits = {Lane.REALTIME: s.realtime_max_wait_seconds, Lane.BULK: s.bulk_max_wait_seconds}
-        return EmbeddingService(s.registry, router(), cache(), costs(), max_wait_seconds=waits)
+        return EmbeddingService(
+            s.registry, router(), cache(), costs(), max_wait_seconds=waits, bulk_ceiling=s.bulk_ceiling
+        )
 
     return _get("embedding_service", build)
 

@@ -14,8 +14,12 @@ _lock = threading.Lock()
 
 
 @cache
-def client(service: str) -> Any:
-    """A cached boto3 client for `service` in the configured region."""
+def client(service: str, *, fast: bool = False) -> Any:
+    """A cached boto3 client for `service` in the configured region.
+
+    `fast` clients (the rate-limit ledger, the cache: on every request's path) give up within about two
+    seconds, so a hung DynamoDB turns into the ledger's fallback well before API Gateway's 29 s timeout.
+    """
     import boto3
     from botocore.config import Config
 
@@ -24,7 +28,12 @@ def client(service: str) -> Any:
         return boto3.session.Session().client(
             service,
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
+            config=Config(
+                retries={"max_attempts": 2 if fast else 3, "mode": "standard"},
+                connect_timeout=1 if fast else 60,
+                read_timeout=2 if fast else 60,
+                max_pool_connections=32,
+            ),
         )
 
 

@@ -24,9 +24,14 @@ BATCH_GET_LIMIT = 100  # DynamoDB BatchGetItem keys per call
 BATCH_WRITE_LIMIT = 25  # DynamoDB BatchWriteItem items per call
 
 
-def cache_key(model_key: str, dimensions: int, text: str) -> str:
-    """The cache's key for one text; the text itself is never stored."""
-    return f"{model_key}#{dimensions}#{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+def cache_key(model_key: str, dimensions: int, text: str, tenant_id: str | None = None) -> str:
+    """The cache's key for one text; the text itself is never stored.
+
+    Keys are scoped by tenant: a shared cache would let any tenant learn (from speed, or X-Cache-Hits)
+    whether another tenant had embedded an exact text, such as a private note.
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return f"{model_key}#{dimensions}#{tenant_id or '-'}#{digest}"
 
 
 class EmbeddingCache:

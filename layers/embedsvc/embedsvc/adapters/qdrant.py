@@ -32,6 +32,13 @@ def _as_list(vector: Sequence[float]) -> list[float]:
     return tolist() if callable(tolist) else [float(x) for x in vector]
 
 
+def _live_only():
+    """A filter excluding tombstones: deleted content keeps a point only to remember its version."""
+    from qdrant_client import models
+
+    return models.Filter(must_not=[models.FieldCondition(key="deleted", match=models.MatchValue(value=True))])
+
+
 @dataclass
 class Point:
     id: str
@@ -70,11 +77,12 @@ class VectorStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, KeyError) as exc:
-            if "not found" in str(exc).lower():
-                raise
-            raise VectorStoreUnavailable(f"qdrant {what} failed: {exc!r}") from exc
         except Exception as exc:
+            if "not found" in str(exc).lower():
+                # The collection went away (a migration's cleanup, an operator): forget that we had
+                # seen it, so the next try recreates it instead of failing for the process's life.
+                with self._lock:
+                    self._known.clear()
             raise VectorStoreUnavailable(f"qdrant {what} failed: {exc!r}") from exc
 
     def ensure_collection(self, name: str, dimensions: int) -> None:
@@ -140,8 +148,40 @@ class VectorStore:
                 wait=True,
             )
 
-    def count(self, collection: str) -> int:
-        return int(self._call("count", self.client.count, collection, exact=True).count)
+    def count(self, collection: str, *, include_tombstones: bool = False) -> int:
+        """Points in a collection: live content only, unless asked for tombstones (deleted content) too."""
+        count_filter = None if include_tombstones else _live_only()
+        return int(
+            self._call("count", self.client.count, collection, count_filter=count_filter, exact=True).count
+        )
+
+    def set_payloads(
+        self, collection: str, payloads: dict[str, dict[str, Any]], *, replace: bool = False
+    ) -> None:
+        """Rewrite points' payloads (no new vector): merge the fields, or replace them all."""
+        from qdrant_client import models
+
+        if not payloads:
+            return
+        operations: list[Any] = []
+        for pid, payload in payloads.items():
+            if replace:
+                operations.append(
+                    models.OverwritePayloadOperation(
+                        overwrite_payload=models.SetPayload(payload=payload, points=[pid])
+                    )
+                )
+            else:
+                operations.append(
+                    models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=[pid]))
+                )
+        self._call(
+            "batch_update_points",
+            self.client.batch_update_points,
+            collection,
+            update_operations=operations,
+            wait=True,
+        )
 
     def search(
         self, collection: str, vector: Sequence[float], *, limit: int, owner_id: str | None = None
@@ -149,14 +189,16 @@ class VectorStore:
         """Nearest points by cosine; with `owner_id`, only that tenant's content and shared content."""
         from qdrant_client import models
 
-        query_filter = None
+        query_filter = _live_only()
         if owner_id is not None:
-            query_filter = models.Filter(
-                should=[
-                    models.FieldCondition(key="owner_id", match=models.MatchValue(value=owner_id)),
-                    models.IsNullCondition(is_null=models.PayloadField(key="owner_id")),
-                ]
-            )
+            query_filter.must = [
+                models.Filter(
+                    should=[
+                        models.FieldCondition(key="owner_id", match=models.MatchValue(value=owner_id)),
+                        models.IsNullCondition(is_null=models.PayloadField(key="owner_id")),
+                    ]
+                )
+            ]
         answer = self._call(
             "query_points",
             self.client.query_points,

@@ -30,10 +30,14 @@ class IndexMessageV1(BaseModel):
     models: list[str] | None = (
         None  # target model keys; None -> the content type's active (and shadow) models
     )
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))  # newer wins
+    # The content's version: newer wins. Absent -> the message's SQS SentTimestamp (never the time a worker
+    # happens to parse it, which would let a redelivered old message beat a newer one).
+    updated_at: datetime | None = None
     delete: bool = False
 
     def updated_at_epoch_ms(self) -> int:
+        if self.updated_at is None:
+            raise ValueError("message has no updated_at")
         at = self.updated_at if self.updated_at.tzinfo else self.updated_at.replace(tzinfo=UTC)
         return int(at.timestamp() * 1000)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedsvc.config import ModelSpec, Registry
-from embedsvc.errors import EmbedServiceError, InvalidRequest
+from embedsvc.errors import EmbedServiceError, InvalidRequest, ProviderRejected
 from embedsvc.models.api import MAX_INPUTS
 from embedsvc.observability import CallContext, CostRecorder
 from embedsvc.services.batching import RequestLimits, split_requests
@@ -38,12 +38,22 @@ class EmbeddingService:
         costs: CostRecorder,
         *,
         max_wait_seconds: dict[Lane, float] | None = None,
+        bulk_ceiling: float = 1.0,
     ):
+        self.bulk_ceiling = bulk_ceiling
         self.max_wait_seconds = max_wait_seconds or DEFAULT_MAX_WAIT_SECONDS
         self.registry = registry
         self.router = router
         self.cache = cache
         self.costs = costs
+
+    def request_limits(self, model: ModelSpec, lane: Lane) -> RequestLimits:
+        """Per-request limits: the model's, and never more tokens than its tightest endpoint's budget allows."""
+        # A request bigger than a provider's whole TPM (or, for bulk, its share of it) could never be granted.
+        share = 1.0 if lane is Lane.REALTIME else self.bulk_ceiling
+        budget = min(self.registry.providers[e.provider].tpm for e in model.endpoints)
+        max_tokens = max(1, min(model.max_tokens_per_request, int(budget * share)))
+        return RequestLimits(model.max_inputs_per_request, max_tokens, model.max_input_tokens)
 
     def resolve_dimensions(self, model: ModelSpec, dimensions: int | None) -> int:
         """The output size: the model's own, or a smaller one where the model supports shortening."""
@@ -86,8 +96,15 @@ class EmbeddingService:
         truncate: bool = False,
     ) -> EmbedResult:
         """Vectors for every text, or the first failure raised (the API's all-or-nothing contract)."""
-        result = self.embed_partial(
-            texts, model, contexts=[context] * len(texts), lane=lane, dimensions=dimensions, truncate=truncate
+        result = self.embed_partial(  # all or nothing: stop at the first failed provider request
+            texts,
+            model,
+            contexts=[context] * len(texts),
+            lane=lane,
+            dimensions=dimensions,
+            truncate=truncate,
+            stop_on_error=True,
+            isolate_rejections=False,
         )
         if result.errors:
             raise next(iter(result.errors.values()))
@@ -103,6 +120,8 @@ class EmbeddingService:
         dimensions: int | None = None,
         truncate: bool = False,
         use_cache: bool = True,
+        stop_on_error: bool = False,
+        isolate_rejections: bool = True,
     ) -> EmbedResult:
         """Vectors for as many texts as possible: a failed provider request fails only its own inputs.
 
@@ -110,6 +129,8 @@ class EmbeddingService:
         messages still attributes tokens to each message's source, user and task. `truncate` embeds
         over-long inputs by their head (indexing) instead of rejecting them (the API). `use_cache`
         off skips the shared cache entirely (bulk indexing, where the collection's hash is the cache).
+        `stop_on_error` raises at the first failed request; `isolate_rejections` bisects a request the
+        provider refused, so only the inputs it refuses fail.
         """
         from embedsvc.adapters.cache import cache_key
 
@@ -127,7 +148,7 @@ class EmbeddingService:
                         f"'input[{index}]' has {count} tokens; '{spec.name}' accepts at most {spec.max_input_tokens}.",
                         param="input",
                     )
-        keys = [cache_key(spec.key, dims, text) for text in texts]
+        keys = [cache_key(spec.key, dims, text, c.tenant_id) for text, c in zip(texts, contexts, strict=True)]
         found = self.cache.get_many(keys) if use_cache else {}
         # Each distinct missing text is embedded once, even if it repeats in the request.
         missing: dict[str, int] = {}
@@ -135,38 +156,49 @@ class EmbeddingService:
             if key not in found and key not in missing:
                 missing[key] = index
         miss_indices = list(missing.values())
-        limits = RequestLimits(
-            spec.max_inputs_per_request, spec.max_tokens_per_request, spec.max_input_tokens
-        )
-        chunks = split_requests([tokens[i] for i in miss_indices], limits)
+        chunks = split_requests([tokens[i] for i in miss_indices], self.request_limits(spec, lane))
         fresh: dict[str, np.ndarray] = {}
         failed: dict[str, EmbedServiceError] = {}
-        provider_tokens = succeeded = 0
-        for chunk in chunks:
-            positions = [miss_indices[i] for i in chunk.indices]
+        calls = [0, 0]  # provider requests that answered, provider tokens
+
+        def embed_positions(positions: list[int]) -> None:
             try:
                 routed = self.router.embed(
                     spec,
                     [texts[p] for p in positions],
-                    chunk.tokens,
+                    sum(tokens[p] for p in positions),
                     lane=lane,
                     max_wait_seconds=self.max_wait_seconds[lane],
                     dimensions=dims if dims != spec.dimensions else None,
                 )
-            except EmbedServiceError as exc:
-                if not exc.retryable or len(chunks) == 1:
-                    raise
+            except ProviderRejected as exc:
+                if isolate_rejections and len(positions) > 1:
+                    # One bad input must not sink the others: halve until the rejected ones stand alone.
+                    half = len(positions) // 2
+                    embed_positions(positions[:half])
+                    embed_positions(positions[half:])
+                    return
                 failed.update({keys[p]: exc for p in positions})
-                continue
-            used = routed.result.prompt_tokens if routed.result.prompt_tokens is not None else chunk.tokens
-            provider_tokens += used
-            succeeded += 1
+                return
+            except EmbedServiceError as exc:
+                failed.update({keys[p]: exc for p in positions})
+                return
+            used = routed.result.prompt_tokens
+            used = used if used is not None else sum(tokens[p] for p in positions)
+            calls[0] += 1
+            calls[1] += used
             self._record_cost(spec, routed.provider, used, [(contexts[p], tokens[p]) for p in positions])
             chunk_vectors = {keys[p]: routed.result.vectors[i] for i, p in enumerate(positions)}
             fresh.update(chunk_vectors)
             # Cache each chunk as it lands, so a failure in a later chunk does not waste this one.
             if use_cache:
                 self.cache.put_many(chunk_vectors)
+
+        for chunk in chunks:
+            embed_positions([miss_indices[i] for i in chunk.indices])
+            if failed and stop_on_error:
+                raise next(iter(failed.values()))  # all-or-nothing callers: no more provider calls
+        provider_tokens, succeeded = calls[1], calls[0]
         vectors = np.zeros((len(texts), dims), dtype=np.float32)
         errors: dict[int, EmbedServiceError] = {}
         for index, key in enumerate(keys):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from embedsvc.adapters.qdrant import Point, VectorStore, collection_name, point_id
 from embedsvc.config import Settings
-from embedsvc.errors import EmbedServiceError, UnknownModel
+from embedsvc.errors import EmbedServiceError, PermanentMessageError
 from embedsvc.models.messages import SUPPORTED_SCHEMA_VERSIONS, IndexMessage
 from embedsvc.observability import CallContext
 from embedsvc.services.embedding import EmbeddingService
@@ -34,7 +34,7 @@ class Incoming:
 
     message_id: str
     body: str
-    receive_count: int = 1
+    sent_at_ms: int | None = None  # SQS SentTimestamp: the version of a message that carries no updated_at
 
 
 @dataclass
@@ -44,8 +44,9 @@ class BatchOutcome:
     indexed: int = 0
     deleted: int = 0
     unchanged: int = 0  # same content hash already in the collection: no provider call
+    refreshed: int = 0  # same text, new owner/metadata/version: payload rewritten, no provider call
     stale: int = 0  # an older update than what the collection holds: never overwrites
-    superseded: int = 0  # a newer message for the same content came in the same batch
+    superseded: int = 0  # a newer message for the same content and collection came in the same batch
 
 
 @dataclass
@@ -57,14 +58,18 @@ class _Unit:
     model_key: str
     collection: str
     point_id: str
+    updated_at_ms: int
 
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class PermanentError(Exception):
+class PermanentError(PermanentMessageError):
     """This message can never succeed as written."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
 
 
 def parse_message(body: str, settings: Settings) -> IndexMessage:
@@ -92,10 +97,17 @@ def parse_message(body: str, settings: Settings) -> IndexMessage:
             raise PermanentError("text is required: no content store is configured to load it from")
         if not message.text.strip():
             raise PermanentError("text is empty")
+    if message.source not in settings.cost_sources:
+        raise PermanentError(f"unknown source {message.source!r}; allowed: {settings.cost_sources}")
     for key in message.models or []:
         if key not in settings.registry.models:
             raise PermanentError(f"unknown model {key!r}; registered: {sorted(settings.registry.models)}")
     return message
+
+
+def tombstone_vector(dimensions: int) -> list[float]:
+    """Any valid vector: a tombstone is never searched (search filters `deleted`), only compared by version."""
+    return [1.0] + [0.0] * (dimensions - 1)
 
 
 class Indexer:
@@ -115,59 +127,93 @@ class Indexer:
         )
         self.clock = clock
 
-    def process(self, batch: Sequence[Incoming]) -> BatchOutcome:
-        """Index a batch; the outcome says which messages to retry and which went to the DLQ."""
+    def process(self, batch: Sequence[Incoming], *, deadline: float | None = None) -> BatchOutcome:
+        """Index a batch; the outcome says which messages to retry and which went to the DLQ.
+
+        `deadline` (time.monotonic) is when the invocation must answer: work not started by then is
+        returned for redelivery instead of being cut off by the Lambda timeout.
+        """
         outcome = BatchOutcome()
         poison: list[tuple[Incoming, str]] = []
-        latest: dict[tuple[str, str], tuple[Incoming, IndexMessage]] = {}
+        parsed: list[tuple[Incoming, IndexMessage]] = []
         for incoming in batch:
             try:
-                message = parse_message(incoming.body, self.settings)
+                parsed.append((incoming, parse_message(incoming.body, self.settings)))
             except PermanentError as exc:
-                poison.append((incoming, str(exc)))
-                continue
-            key = (message.content_type, message.id)
-            if key in latest:
-                outcome.superseded += 1
-                if latest[key][1].updated_at_epoch_ms() >= message.updated_at_epoch_ms():
-                    continue
-            latest[key] = (incoming, message)
-
-        units: list[_Unit] = []
-        for incoming, message in latest.values():
-            for model_key in message.models or self.settings.models_for(message.content_type):
-                units.append(
-                    _Unit(
-                        incoming.message_id,
-                        message,
-                        model_key,
-                        collection_name(message.content_type, model_key),
-                        point_id(message.content_type, message.id),
-                    )
-                )
+                poison.append((incoming, exc.message))
         failed: dict[str, str] = {}  # message id -> transient reason
-        self._index(units, failed, outcome)
+        permanent: dict[str, str] = {}  # message id -> why it can never succeed
+        # Poison goes to the DLQ first, so a timeout later in the batch cannot keep it from its reason.
+        self._dead_letter(poison, failed, outcome)
 
-        if poison:
-            for message_id in self.dead_letter(poison):
-                failed[message_id] = "could not reach the DLQ"  # retried; SQS redrive is the backstop
-            for incoming, reason in poison:
-                if incoming.message_id not in failed:
-                    outcome.dead_lettered[incoming.message_id] = reason
-                    logger.warning(
-                        "message sent to DLQ", extra={"message_id": incoming.message_id, "reason": reason}
-                    )
+        now_ms = int(self.clock() * 1000)
+        latest: dict[tuple[str, str], _Unit] = {}
+        for incoming, message in parsed:
+            version = message.updated_at_epoch_ms() if message.updated_at else (incoming.sent_at_ms or now_ms)
+            for model_key in message.models or self.settings.models_for(message.content_type):
+                unit = _Unit(
+                    incoming.message_id,
+                    message,
+                    model_key,
+                    collection_name(message.content_type, model_key),
+                    point_id(message.content_type, message.id),
+                    version,
+                )
+                # Newest wins per (collection, point): a message aimed at other collections is not superseded.
+                key = (unit.collection, unit.point_id)
+                if key in latest:
+                    outcome.superseded += 1
+                    if latest[key].updated_at_ms > unit.updated_at_ms:
+                        continue
+                latest[key] = unit
+        self._index(list(latest.values()), failed, permanent, outcome, deadline)
+
+        if permanent:
+            by_id = {incoming.message_id: incoming for incoming, _ in parsed}
+            late = [(by_id[mid], reason) for mid, reason in permanent.items() if mid not in failed]
+            self._dead_letter(late, failed, outcome)
         outcome.retry = [m.message_id for m in batch if m.message_id in failed]
         for message_id, reason in failed.items():
             logger.info("message will be retried", extra={"message_id": message_id, "reason": reason})
         return outcome
 
-    def _index(self, units: list[_Unit], failed: dict[str, str], outcome: BatchOutcome) -> None:
+    def _dead_letter(
+        self, items: list[tuple[Incoming, str]], failed: dict[str, str], outcome: BatchOutcome
+    ) -> None:
+        if not items:
+            return
+        unsent = set(self.dead_letter(items))
+        for incoming, reason in items:
+            if incoming.message_id in unsent:
+                failed[incoming.message_id] = (
+                    "could not reach the DLQ"  # retried; SQS redrive is the backstop
+                )
+            else:
+                outcome.dead_lettered[incoming.message_id] = reason
+                logger.warning(
+                    "message sent to DLQ", extra={"message_id": incoming.message_id, "reason": reason}
+                )
+
+    def _index(
+        self,
+        units: list[_Unit],
+        failed: dict[str, str],
+        permanent: dict[str, str],
+        outcome: BatchOutcome,
+        deadline: float | None,
+    ) -> None:
+        def out_of_time(members: list[_Unit]) -> bool:
+            if deadline is not None and time.monotonic() >= deadline:
+                failed.update({u.message_id: "out of time in this invocation" for u in members})
+                return True
+            return False
+
         by_collection: dict[str, list[_Unit]] = defaultdict(list)
         for unit in units:
             by_collection[unit.collection].append(unit)
         to_embed: dict[tuple[str, Lane], list[_Unit]] = defaultdict(list)
-        deletes: dict[str, list[_Unit]] = defaultdict(list)
+        refresh: dict[str, list[_Unit]] = defaultdict(list)
+        tombstones: dict[str, list[tuple[_Unit, bool]]] = defaultdict(list)
         for collection, members in by_collection.items():
             model = self.settings.registry.models[members[0].model_key]
             try:
@@ -178,19 +224,28 @@ class Indexer:
                 continue
             for unit in members:
                 existing = stored.get(unit.point_id)
-                if existing and int(existing.get("updated_at", 0)) > unit.message.updated_at_epoch_ms():
+                stored_version = int(existing.get("updated_at", 0)) if existing else -1
+                if stored_version > unit.updated_at_ms:
                     outcome.stale += 1
                 elif unit.message.delete:
-                    deletes[collection].append(unit)
+                    # A tombstone, not a removal: it remembers the delete's version, so an older
+                    # update delivered late cannot bring the content back.
+                    tombstones[collection].append((unit, existing is not None))
                 elif existing and existing.get("content_hash") == content_hash(unit.message.text or ""):
-                    outcome.unchanged += 1
+                    if stored_version == unit.updated_at_ms and self._same_payload(existing, unit):
+                        outcome.unchanged += 1
+                    else:
+                        refresh[collection].append(
+                            unit
+                        )  # new owner/metadata/version, same text: no embedding
                 else:
                     lane = Lane.REALTIME if unit.message.priority == "realtime" else Lane.BULK
                     to_embed[(unit.model_key, lane)].append(unit)
 
         ready: dict[str, list[Point]] = defaultdict(list)
         for (model_key, lane), members in to_embed.items():
-            texts = [u.message.text or "" for u in members]
+            if out_of_time(members):
+                continue
             contexts = [
                 CallContext(
                     source=u.message.source,
@@ -202,53 +257,85 @@ class Indexer:
             ]
             try:
                 result = self.embeddings.embed_partial(
-                    texts,
+                    [u.message.text or "" for u in members],
                     model_key,
                     contexts=contexts,
                     lane=lane,
                     truncate=True,
                     use_cache=self.settings.worker_use_cache,
                 )
-            except UnknownModel as exc:
-                failed.update({u.message_id: exc.message for u in members})
-                continue
             except EmbedServiceError as exc:
-                failed.update({u.message_id: exc.message for u in members})
+                target = failed if exc.retryable else permanent
+                target.update({u.message_id: exc.message for u in members})
                 continue
-            now_ms = int(self.clock() * 1000)
             for index, unit in enumerate(members):
                 if index in result.errors:
-                    failed[unit.message_id] = result.errors[index].message
+                    error = result.errors[index]
+                    (failed if error.retryable else permanent)[unit.message_id] = error.message
                     continue
                 ready[unit.collection].append(
-                    Point(
-                        unit.point_id,
-                        result.vectors[index],
-                        {
-                            "id": unit.message.id,
-                            "content_type": unit.message.content_type,
-                            "owner_id": unit.message.owner_id,
-                            "content_hash": content_hash(unit.message.text or ""),
-                            "model": model_key,
-                            "updated_at": unit.message.updated_at_epoch_ms(),
-                            "indexed_at": now_ms,
-                            "metadata": unit.message.metadata,
-                        },
-                    )
+                    Point(unit.point_id, result.vectors[index], self._payload(unit))
                 )
         for collection, points in ready.items():
+            by_point = {u.point_id: u.message_id for u in by_collection[collection]}
             try:
                 self.vectors.upsert(collection, points)
                 outcome.indexed += len(points)
             except EmbedServiceError as exc:
-                by_point = {u.point_id: u.message_id for u in by_collection[collection]}
                 failed.update({by_point[p.id]: exc.message for p in points})
-        for collection, members in deletes.items():
+        for collection, members in refresh.items():
             try:
-                self.vectors.delete(collection, [u.point_id for u in members])
-                outcome.deleted += len(members)
+                self.vectors.set_payloads(collection, {u.point_id: self._payload(u) for u in members})
+                outcome.refreshed += len(members)
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in members})
+        for collection, entries in tombstones.items():
+            dimensions = self.settings.registry.models[entries[0][0].model_key].dimensions
+            try:
+                existing_points = {u.point_id: self._tombstone(u) for u, exists in entries if exists}
+                new_points = [
+                    Point(u.point_id, tombstone_vector(dimensions), self._tombstone(u))
+                    for u, exists in entries
+                    if not exists
+                ]
+                self.vectors.set_payloads(collection, existing_points, replace=True)
+                self.vectors.upsert(collection, new_points)
+                outcome.deleted += len(entries)
+            except EmbedServiceError as exc:
+                failed.update({u.message_id: exc.message for u, _ in entries})
+
+    def _payload(self, unit: _Unit) -> dict:
+        return {
+            "id": unit.message.id,
+            "content_type": unit.message.content_type,
+            "owner_id": unit.message.owner_id,
+            "content_hash": content_hash(unit.message.text or ""),
+            "model": unit.model_key,
+            "updated_at": unit.updated_at_ms,
+            "indexed_at": int(self.clock() * 1000),
+            "metadata": unit.message.metadata,
+            "deleted": False,
+        }
+
+    def _tombstone(self, unit: _Unit) -> dict:
+        return {
+            "id": unit.message.id,
+            "content_type": unit.message.content_type,
+            "owner_id": unit.message.owner_id,
+            "content_hash": None,
+            "model": unit.model_key,
+            "updated_at": unit.updated_at_ms,
+            "indexed_at": int(self.clock() * 1000),
+            "deleted": True,
+        }
+
+    @staticmethod
+    def _same_payload(existing: dict, unit: _Unit) -> bool:
+        return (
+            existing.get("owner_id") == unit.message.owner_id
+            and existing.get("metadata") == unit.message.metadata
+            and not existing.get("deleted")
+        )
 
 
 def sqs_dead_letter(queue_url: str | None, sqs_client) -> Callable[[list[tuple[Incoming, str]]], list[str]]:

@@ -17,6 +17,7 @@ from embedsvc.adapters.providers.base import EmbeddingProvider, ProviderResult
 from embedsvc.config import ModelSpec, ProviderSpec
 from embedsvc.errors import (
     AllProvidersFailed,
+    EmbedServiceError,
     ProviderError,
     ProviderRateLimited,
     ServiceOverloaded,
@@ -75,7 +76,12 @@ class EmbeddingRouter:
             if callable(warm):
                 # Build the HTTP client before reserving: a grant should reach the provider promptly,
                 # inside the ledger's guard time, not after a cold import.
-                warm()
+                try:
+                    warm()
+                except EmbedServiceError as exc:  # e.g. an unreadable API key secret: try the next endpoint
+                    failures.append(f"{endpoint.provider}: {exc.message}")
+                    only_rate_limited = False
+                    continue
             for _ in range(self.max_rate_limited_tries):
                 try:
                     reservation = self.ledger.acquire(

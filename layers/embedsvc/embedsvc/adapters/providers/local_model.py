@@ -68,14 +68,19 @@ class LocalModelProvider:
     def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
         if model_name not in self.SERVED:
             raise ProviderError(f"local provider does not serve {model_name!r}")
-        model = load_model()
-        # One encode at a time: torch already uses every core; concurrent calls would only thrash.
-        with self._encode_lock:
-            vectors = model.encode(  # type: ignore[attr-defined]
-                texts,
-                batch_size=64,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+        try:
+            model = load_model()
+            # One encode at a time: torch already uses every core; concurrent calls would only thrash.
+            with self._encode_lock:
+                vectors = model.encode(  # type: ignore[attr-defined]
+                    texts,
+                    batch_size=64,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+        except ConfigError:
+            raise
+        except Exception as exc:  # out of memory, a broken install: let the router try the next endpoint
+            raise ProviderError(f"local model failed: {exc!r}") from exc
         return ProviderResult(np.asarray(vectors, dtype=np.float32), None)

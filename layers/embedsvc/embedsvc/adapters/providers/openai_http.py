@@ -86,6 +86,9 @@ class OpenAIHttpProvider:
             # No encoding_format: the SDK asks for base64 (a third of the bytes) and decodes it itself.
             response = self.client().embeddings.create(input=texts, model=model_name, **kwargs)
         except openai.RateLimitError as exc:
+            if exc.code == "insufficient_quota":
+                # Out of credit is not a throttle: waiting will not help, another endpoint might.
+                raise ProviderError(f"{self.key} has no quota left: {exc.message}") from exc
             raise ProviderRateLimited(
                 f"{self.key} answered 429: {exc.message}", retry_after=parse_retry_after(exc.response.headers)
             ) from exc

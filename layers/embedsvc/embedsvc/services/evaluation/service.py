@@ -269,7 +269,7 @@ def index_corpus(
         }
         ids = {f"eval-{number}-{i}": doc_id for i, doc_id in enumerate(chunk)}
         for attempt in range(1, attempts + 1):
-            batch = [Incoming(message_id, body, attempt) for message_id, body in pending.items()]
+            batch = [Incoming(message_id, body) for message_id, body in pending.items()]
             outcome = indexer.process(batch)
             _raise_dead_lettered(outcome, ids, collection)
             report.indexed += outcome.indexed
@@ -342,7 +342,7 @@ def search(
         query_texts,
         model_key,
         context=CallContext(source=SOURCE, task_id=task_id),
-        lane=Lane.REALTIME,
+        lane=Lane.BULK,  # scheduled and gate runs must not mark users active and squeeze bulk work
         truncate=True,
     )
     return [
