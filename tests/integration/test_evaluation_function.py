@@ -319,3 +319,65 @@ def test_scores_in_the_run_are_qdrant_cosines(indexed, s3):
     run = Run.from_json(s3.get_object(Bucket=BUCKET, Key=f"runs/{answer['run_id']}.json")["Body"].read())
     top_scores = [ranked[0][1] for ranked in run.results.values()]
     assert np.allclose(top_scores, 1.0, atol=1e-5)  # each query is its verse's own text
+
+
+SHARED_VERSES = ROOT.parent / "shared" / "data" / "bible" / "bsb_verses.jsonl"
+GATE_QUERIES = 300
+
+
+@pytest.fixture
+def gate_corpus(service, s3) -> list[str]:
+    """400 real verses indexed into verse_te3s; 300 of them are queries for their own text."""
+    from embedsvc.services.evaluation.service import index_corpus
+
+    docs: dict[str, str] = {}
+    with SHARED_VERSES.open() as fh:
+        for line in fh:
+            verse = json.loads(line)
+            if verse["text"].strip():
+                docs[verse["id"]] = verse["text"].strip()
+            if len(docs) == 400:
+                break
+    index_corpus("te3s", "verse_te3s", docs, None, info=lambda m: None)
+    queried = list(docs)[:GATE_QUERIES]
+    lines = [
+        json.dumps({"id": f"q{i}", "query": docs[d], "relevant_passages": [d]}) for i, d in enumerate(queried)
+    ]
+    s3.put_object(Bucket=BUCKET, Key=GT_KEY, Body="\n".join(lines).encode())
+    return queried
+
+
+def break_points(doc_ids: list[str]) -> None:
+    """A bad reindex of a few documents: their vectors now mean something else."""
+    from embedsvc import container
+    from embedsvc.adapters.qdrant import Point, point_id
+    from embedsvc.local.provider_sim import hash_vector
+
+    store = container.vector_store()
+    payloads = store.payloads("verse_te3s", [point_id("verse", d) for d in doc_ids])
+    store.upsert(
+        "verse_te3s",
+        [Point(pid, hash_vector(f"unrelated {pid}", 1536), payload) for pid, payload in payloads.items()],
+    )
+
+
+def test_a_five_point_drop_on_300_queries_fails_the_gate_alarms_and_marks_the_stored_run(gate_corpus, s3):
+    from embedsvc.services.evaluation.runs import S3RunStore
+
+    invoke(weekly())  # the baseline: every query finds its verse
+    break_points(gate_corpus[:18])  # 6% of the queries lose their answer: a 6-point drop
+    answer = invoke(weekly())
+    assert answer["passed"] is False and "recall_at_5" in answer["regressions"]
+    assert answer["comparison"]["metrics"]["recall_at_5"]["delta_points"] == pytest.approx(-6.0)
+    assert max(metric_values("EvaluationRegression", {"ContentType": "verse"})) == 1.0
+    stored = S3RunStore(BUCKET).load(answer["run_id"])
+    assert stored.params["gate"]["passed"] is False and "recall_at_5" in stored.params["gate"]["regressions"]
+
+
+def test_a_one_point_wobble_on_300_queries_passes_the_gate(gate_corpus, s3):
+    invoke(weekly())
+    break_points(gate_corpus[:3])  # a 1-point drop
+    answer = invoke(weekly())
+    assert answer["passed"] is True
+    assert answer["comparison"]["metrics"]["recall_at_5"]["delta_points"] == pytest.approx(-1.0)
+    assert max(metric_values("EvaluationRegression", {"ContentType": "verse"})) == 0.0

@@ -22,7 +22,7 @@ from embedsvc.errors import (
     ProviderRateLimited,
     ServiceOverloaded,
 )
-from embedsvc.services.ratelimit import Lane, LimitSpec
+from embedsvc.services.ratelimit import Lane, LimitSpec, NoopLedger
 
 logger = Logger(child=True)
 
@@ -47,6 +47,8 @@ class EmbeddingRouter:
     ):
         self.providers = providers
         self.ledger = ledger
+        # An in-process model has no provider quota to protect: no DynamoDB round trip for it.
+        self.unmetered = NoopLedger()
         self.provider_specs = provider_specs
         self.max_rate_limited_tries = max_rate_limited_tries
 
@@ -72,6 +74,7 @@ class EmbeddingRouter:
         for endpoint in model.endpoints:
             provider = self.providers[endpoint.provider]
             limit = self.limit_for(endpoint.provider, endpoint.model_name)
+            ledger = self.unmetered if self.provider_specs[endpoint.provider].kind == "local" else self.ledger
             warm = getattr(provider, "warm", None)
             if callable(warm):
                 # Build the HTTP client before reserving: a grant should reach the provider promptly,
@@ -84,7 +87,7 @@ class EmbeddingRouter:
                     continue
             for _ in range(self.max_rate_limited_tries):
                 try:
-                    reservation = self.ledger.acquire(
+                    reservation = ledger.acquire(
                         limit, tokens, lane, max_wait_seconds=max(deadline - time.monotonic(), 0.0)
                     )
                 except ServiceOverloaded as exc:
@@ -95,7 +98,7 @@ class EmbeddingRouter:
                     result = provider.embed(texts, endpoint.model_name, dimensions=dimensions)
                 except ProviderRateLimited as exc:
                     wait = exc.retry_after if exc.retry_after is not None else DEFAULT_RETRY_AFTER_SECONDS
-                    self.ledger.report_throttle(limit, wait)
+                    ledger.report_throttle(limit, wait)
                     retry_after = wait
                     failures.append(f"{endpoint.provider}: 429 (retry after {wait:.2f}s)")
                     continue  # the next acquire waits out the cooldown, for every worker
@@ -108,7 +111,7 @@ class EmbeddingRouter:
                     only_rate_limited = False
                     break
                 actual = result.prompt_tokens if result.prompt_tokens is not None else tokens
-                self.ledger.reconcile(reservation, actual)
+                ledger.reconcile(reservation, actual)
                 return RoutedResult(result, endpoint.provider, failures)
         if only_rate_limited:
             raise ServiceOverloaded(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from embedsvc.services.evaluation.chart import render_chart
-from embedsvc.services.evaluation.compare import Comparison, compare
+from embedsvc.services.evaluation.compare import Comparison, compare, gate_record
 from embedsvc.services.evaluation.groundtruth import EvalDataError, GroundTruth, load_ground_truth
 from embedsvc.services.evaluation.metrics import DEFAULT_METRICS
 from embedsvc.services.evaluation.runner import ProgressFn, evaluate
@@ -359,12 +359,13 @@ def run_eval(
     comparison: Comparison | None = None
     if store is not None:
         baseline = store.baseline(run.baseline_key)
-        store.save(run)
-        info(f"run {run.run_id} stored in {store}")
         if baseline is not None:
             comparison = compare(baseline, run, max_drop_points=args.max_drop, alpha=args.alpha)
+            run.params["gate"] = gate_record(baseline, comparison)  # the stored run says if it failed
         else:
             info(f"no baseline yet for {run.baseline_key[0]} / {run.baseline_key[1]}")
+        store.save(run)
+        info(f"run {run.run_id} stored in {store}")
         if args.baseline:
             store.set_baseline(run.baseline_key, run.run_id)
             info(f"run {run.run_id} is now the baseline for {run.baseline_key[0]} / {run.baseline_key[1]}")

@@ -293,3 +293,12 @@ def publish_to_cloudwatch(
     for start in range(0, len(data), 20):
         cloudwatch.put_metric_data(Namespace=namespace, MetricData=data[start : start + 20])
     return data
+
+
+def gate_record(baseline: Run, comparison: Comparison) -> dict:
+    """What a stored run keeps of its gate: passed or failed, against which baseline, and why."""
+    return {
+        "passed": comparison.passed,
+        "baseline_run_id": baseline.run_id,
+        "regressions": comparison.regressions,
+    }

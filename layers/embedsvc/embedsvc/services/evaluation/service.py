@@ -610,7 +610,7 @@ def evaluate_collection(
     EvaluationRegression = 1 when the gate failed, else 0.
     """
     from embedsvc import container
-    from embedsvc.services.evaluation.compare import compare, publish_to_cloudwatch
+    from embedsvc.services.evaluation.compare import compare, gate_record, publish_to_cloudwatch
     from embedsvc.services.evaluation.runner import evaluate
 
     if not ground_truth.evaluable_queries:
@@ -632,8 +632,10 @@ def evaluate_collection(
     )
     run.params["resolved_collection"] = target
     baseline = store.baseline(run.baseline_key)
-    store.save(run)
     comparison = compare(baseline, run, max_drop_points=max_drop_points, alpha=alpha) if baseline else None
+    if baseline is not None and comparison is not None:
+        run.params["gate"] = gate_record(baseline, comparison)  # the stored run says if it failed
+    store.save(run)
     baseline_set = bool(set_baseline) or (set_baseline is None and baseline is None)
     if baseline_set:
         store.set_baseline(run.baseline_key, run.run_id)
