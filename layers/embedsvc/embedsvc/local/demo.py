@@ -28,7 +28,6 @@ QUERIES = (
     "the Lord is my shepherd",
 )
 BATCH = 256
-WAVE = 500  # index messages produced before the local worker drains them
 
 
 def load_verses(path: Path, books: tuple[str, ...] | None) -> list[dict]:
@@ -175,10 +174,10 @@ def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
         f"  worker batch size {poller.batch_size}, batching window {poller.window}s (from template.yaml)\n"
     )
     started = time.perf_counter()
-    # Produce in waves and drain each: moto's SQS slows down quadratically with queue depth
-    # (real SQS does not), so the demo keeps the local queue short.
+    # Produce in waves of one batch and drain each: moto's SQS receive costs grow with queue depth
+    # (real SQS's do not), so the demo keeps the local queue short.
     done = 0
-    for wave in batches(verses, WAVE):
+    for wave in batches(verses, poller.batch_size):
         for chunk in batches(wave, 10):
             entries = [{"Id": str(i), "MessageBody": index_message(v)} for i, v in enumerate(chunk)]
             sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
