@@ -18,25 +18,19 @@ BATCH = 100  # the template's BatchSize
 
 
 def registry(base_url: str) -> dict:
+    """The built-in text-embedding-3-small entry, served by the local simulator."""
+    from embedsvc.config import DEFAULT_REGISTRY
+
+    te3s = {
+        **DEFAULT_REGISTRY["models"]["te3s"],
+        "endpoints": [{"provider": "sim", "model_name": "text-embedding-3-small"}],
+    }
     return {
         "default_model": "te3s",
         "providers": {
             "sim": {"key": "sim", "kind": "openai", "base_url": base_url, "api_key_env": "SIM_KEY"}
         },
-        "models": {
-            "te3s": {
-                "key": "te3s",
-                "name": "text-embedding-3-small",
-                "dimensions": 1536,
-                "supports_dimensions": True,
-                "max_input_tokens": 8192,
-                "max_inputs_per_request": 2048,
-                "max_tokens_per_request": 300000,
-                "price_per_million_tokens": 0.02,
-                "tokenizer": "cl100k_base",
-                "endpoints": [{"provider": "sim", "model_name": "text-embedding-3-small"}],
-            }
-        },
+        "models": {"te3s": te3s},
     }
 
 

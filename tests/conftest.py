@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from embedsvc.config import DEFAULT_REGISTRY
 from embedsvc.local.lambda_context import LocalLambdaContext
 from embedsvc.local.provider_sim import ProviderSimulator
 
@@ -58,18 +59,7 @@ def sim_registry(
         "default_model": "te3s",
         "providers": providers,
         "models": {
-            "te3s": {
-                "key": "te3s",
-                "name": "text-embedding-3-small",
-                "dimensions": 1536,
-                "supports_dimensions": True,
-                "max_input_tokens": 8192,
-                "max_inputs_per_request": 2048,
-                "max_tokens_per_request": 300000,
-                "price_per_million_tokens": 0.02,
-                "tokenizer": "cl100k_base",
-                "endpoints": te3s_endpoints,
-            },
+            "te3s": {**DEFAULT_REGISTRY["models"]["te3s"], "endpoints": te3s_endpoints},
             "small": {
                 "key": "small",
                 "name": "small-test-model",

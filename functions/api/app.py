@@ -49,9 +49,8 @@ app = APIGatewayRestResolver(enable_validation=True)
         },
     },
 )
-def create_embeddings(
-    request: EmbeddingRequest,
-):  # no return annotation: the body is pre-serialized JSON (fast for large vectors); its schema is declared in `responses`
+def create_embeddings(request: EmbeddingRequest):
+    """Embed the inputs; the body is serialised here (fast for large vectors), its schema is in `responses`."""
     context = principal_context(app.current_event, container.settings().cost_sources)
     result = container.embedding_service().embed(
         request.inputs(), request.model, context=context, dimensions=request.dimensions
