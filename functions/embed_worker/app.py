@@ -26,7 +26,7 @@ tracer = Tracer()
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     batch = [
-        Incoming(record.message_id, record.body or "", _int_or_none(record.attributes.sent_timestamp))
+        Incoming(record.message_id, record.body or "", _int_or_none(record.attributes.get("SentTimestamp")))
         for record in SQSEvent(event).records
     ]
     # Leave time to answer: work not started 10 s before the timeout is returned for redelivery.

@@ -374,3 +374,21 @@ def test_randomized_faults_every_message_ends_in_qdrant_or_the_dlq(worker, sim, 
     valid = [mid for mid, body in bodies.items() if '"text": "text' in body]
     # Redrive is the exception: most valid messages must make it (a worker that always fails would not).
     assert len(redriven) <= len(valid) // 4
+
+
+def test_the_handler_accepts_records_without_sqs_attributes(worker, sim):
+    from functions.embed_worker.app import lambda_handler
+
+    event = {
+        "Records": [
+            {
+                "messageId": "m1",
+                "receiptHandle": "r",
+                "body": message("a"),
+                "attributes": {},
+                "eventSource": "aws:sqs",
+            }
+        ]
+    }
+    assert lambda_handler(event, LocalLambdaContext("worker")) == {"batchItemFailures": []}
+    assert stored(worker, "note_te3s", "a") is not None
