@@ -248,3 +248,27 @@ def test_requests_are_split_below_the_tightest_providers_token_budget(service):
     embeddings.bulk_ceiling = 0.8
     assert embeddings.request_limits(spec, Lane.REALTIME).max_tokens == 1000
     assert embeddings.request_limits(spec, Lane.BULK).max_tokens == 800
+
+
+def test_insufficient_quota_is_not_waited_out_but_falls_back(service, call_api, sim, sim2):
+    sim.inject(Fault(status=429, code="insufficient_quota", message="You exceeded your current quota"))
+    status, _, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert [r.status for r in sim.records] == [429] and sim2.calls == 1  # no cooldown, no retry at sim
+
+
+def test_an_endpoint_whose_key_cannot_be_read_is_skipped(aws, sim, sim2, emf, monkeypatch, call_api):
+    import json
+
+    from embedsvc import container
+    from embedsvc.config import reset_settings
+    from embedsvc.observability import CostRecorder
+    from tests.conftest import sim_registry
+
+    registry = sim_registry(sim, sim2, api_key_env="UNSET_KEY_VAR", api_key_secret="no/such/secret")
+    monkeypatch.setenv("EMBEDSVC_REGISTRY", json.dumps(registry))
+    reset_settings()
+    container.put("costs", CostRecorder(sink=emf.append))
+    status, _, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert sim.calls == 0 and sim2.calls == 1

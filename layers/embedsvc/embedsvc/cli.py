@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from embedsvc.local.demo import run
 
-    demo_args = list(args.demo_args)
-    if demo_args[:1] == ["--"]:
-        demo_args = demo_args[1:]
-    return run(demo_args)
+    return run(list(args.demo_args))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -113,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port",
         type=int,
-        default=int(__import__("os").environ.get("PORT", 3000)),
+        default=int(os.environ.get("PORT", 3000)),
         help="HTTP port (default: $PORT or 3000)",
     )
     serve.add_argument(
@@ -127,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the end-to-end demo on the embedded defaults (see: embedsvc demo -- --help)",
+        help="the end-to-end demo on the embedded defaults (see: embedsvc demo --help)",
         add_help=False,
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)

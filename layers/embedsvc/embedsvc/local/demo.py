@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -74,8 +76,6 @@ def embed_through_api(client, verses: list[dict], model: str, label: str) -> tup
 
 
 def run(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="embedsvc demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -111,8 +111,6 @@ def run(argv: list[str] | None = None) -> int:
     print(
         f"Embedding service demo: {len(verses):,} verses ({'all books' if books is None else ', '.join(books)})"
     )
-    import shutil
-
     shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh run every time: cold cache, empty collection
     with LocalStack(args.workdir, run_poller=False) as stack:
         client = OpenAI(base_url=stack.api_url, api_key=stack.api_key)

@@ -52,6 +52,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay_seconds: float = 0.0
     message: str = "injected fault"
+    code: str = "injected"  # OpenAI's error code, e.g. "insufficient_quota"
 
 
 @dataclass
@@ -202,7 +203,7 @@ class ProviderSimulator:
                     time.sleep(fault.delay_seconds)
                 if fault and fault.status:
                     sim.records.append(RequestRecord(now, model, len(inputs), tokens, fault.status))
-                    self._error(fault.status, fault.message, "injected", fault.headers)
+                    self._error(fault.status, fault.message, fault.code, fault.headers)
                     return
                 if any(not isinstance(t, str) or t == "" for t in inputs):
                     sim.records.append(RequestRecord(now, model, len(inputs), tokens, 400))

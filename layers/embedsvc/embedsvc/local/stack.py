@@ -15,8 +15,6 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from embedsvc.local.lambda_context import LocalLambdaContext
-
 ROOT = Path(__file__).resolve().parents[4]  # the repository: layers/embedsvc/embedsvc/local/stack.py -> root
 DEFAULT_API_KEY = "sk-local-dev-key"
 
@@ -197,4 +195,4 @@ class LocalStack:
         self.stop()
 
 
-__all__ = ["LocalStack", "LocalLambdaContext", "DEFAULT_API_KEY", "free_port"]
+__all__ = ["DEFAULT_API_KEY", "LocalStack", "free_port"]

@@ -23,9 +23,7 @@ class EmbedResult:
     model: ModelSpec
     vectors: np.ndarray  # (n, dims) float32, in input order
     prompt_tokens: int  # tokens of every input, as the provider would count them
-    provider_tokens: int  # tokens actually sent to providers (cache hits cost none)
     cache_hits: int
-    provider_requests: int
     errors: dict[int, EmbedServiceError] = field(default_factory=dict)  # input index -> why it failed
 
 
@@ -159,7 +157,6 @@ class EmbeddingService:
         chunks = split_requests([tokens[i] for i in miss_indices], self.request_limits(spec, lane))
         fresh: dict[str, np.ndarray] = {}
         failed: dict[str, EmbedServiceError] = {}
-        calls = [0, 0]  # provider requests that answered, provider tokens
 
         def embed_positions(positions: list[int]) -> None:
             try:
@@ -185,8 +182,6 @@ class EmbeddingService:
                 return
             used = routed.result.prompt_tokens
             used = used if used is not None else sum(tokens[p] for p in positions)
-            calls[0] += 1
-            calls[1] += used
             self._record_cost(spec, routed.provider, used, [(contexts[p], tokens[p]) for p in positions])
             chunk_vectors = {keys[p]: routed.result.vectors[i] for i, p in enumerate(positions)}
             fresh.update(chunk_vectors)
@@ -198,7 +193,6 @@ class EmbeddingService:
             embed_positions([miss_indices[i] for i in chunk.indices])
             if failed and stop_on_error:
                 raise next(iter(failed.values()))  # all-or-nothing callers: no more provider calls
-        provider_tokens, succeeded = calls[1], calls[0]
         vectors = np.zeros((len(texts), dims), dtype=np.float32)
         errors: dict[int, EmbedServiceError] = {}
         for index, key in enumerate(keys):
@@ -212,9 +206,7 @@ class EmbeddingService:
             model=spec,
             vectors=vectors,
             prompt_tokens=sum(tokens),
-            provider_tokens=provider_tokens,
             cache_hits=sum(1 for key in keys if key in found),
-            provider_requests=succeeded,
             errors=errors,
         )
 

@@ -68,9 +68,6 @@ def content_hash(text: str) -> str:
 class PermanentError(PermanentMessageError):
     """This message can never succeed as written."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-
 
 def parse_message(body: str, settings: Settings) -> IndexMessage:
     """A validated message, or PermanentError with a reason a producer can act on."""

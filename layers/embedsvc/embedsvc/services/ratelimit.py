@@ -397,16 +397,10 @@ class RateLimitLedger:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    import boto3
-                    from botocore.config import Config
+                    from embedsvc.adapters.aws import client
 
                     # Short timeouts and few retries: a realtime caller would rather fall back than hang.
-                    self._client = boto3.client(
-                        "dynamodb",
-                        config=Config(
-                            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=2, read_timeout=2
-                        ),
-                    )
+                    self._client = client("dynamodb", fast=True)
         return self._client
 
     def stats(self) -> dict:

@@ -9,7 +9,7 @@ the next endpoint.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aws_lambda_powertools import Logger
 
@@ -33,7 +33,6 @@ DEFAULT_RETRY_AFTER_SECONDS = 1.0
 class RoutedResult:
     result: ProviderResult
     provider: str
-    attempts: list[str] = field(default_factory=list)  # what failed before the answer, for logs and tests
 
 
 class EmbeddingRouter:
@@ -112,7 +111,11 @@ class EmbeddingRouter:
                     break
                 actual = result.prompt_tokens if result.prompt_tokens is not None else tokens
                 ledger.reconcile(reservation, actual)
-                return RoutedResult(result, endpoint.provider, failures)
+                if failures:
+                    logger.info(
+                        "answered after failures", extra={"provider": endpoint.provider, "failures": failures}
+                    )
+                return RoutedResult(result, endpoint.provider)
         if only_rate_limited:
             raise ServiceOverloaded(
                 f"the rate limit for model {model.name} is exhausted; retry later", retry_after=retry_after
