@@ -36,7 +36,7 @@ def moto_environment(extra: dict[str, str] | None = None):
     os.environ.pop("AWS_ENDPOINT_URL", None)
     from moto import mock_aws
 
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
 
     with mock_aws():
         reset_settings()

@@ -83,7 +83,7 @@ def env(monkeypatch) -> Iterator[None]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("EMBEDSVC_REGISTRY_FILE", raising=False)
     monkeypatch.setenv("SIM_API_KEY", "sk-sim")
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
 
     reset_settings()
     yield
@@ -106,7 +106,7 @@ def aws(env) -> Iterator[None]:
         create_ledger_table(dynamodb, TEST_ENV["LEDGER_TABLE"])
         create_api_keys_table(dynamodb, TEST_ENV["API_KEYS_TABLE"])
         yield
-        from embedsvc.config import reset_settings
+        from embedsvc.container import reset_settings
 
         reset_settings()
 
@@ -137,7 +137,7 @@ def emf(aws) -> list[dict]:
 @pytest.fixture
 def service(aws, sim, sim2, emf, monkeypatch):
     """The API's dependencies wired to two simulators (sim first, sim2 as fallback for te3s)."""
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
 
     monkeypatch.setenv("EMBEDSVC_REGISTRY", json.dumps(sim_registry(sim, sim2)))
     reset_settings()

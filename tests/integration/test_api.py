@@ -189,7 +189,7 @@ def test_spent_rate_limit_budget_sheds_load_with_429_and_retry_after(aws, sim, e
     import json
 
     from embedsvc import container
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
     from embedsvc.observability import CostRecorder
     from tests.conftest import sim_registry
 
@@ -261,7 +261,7 @@ def test_an_endpoint_whose_key_cannot_be_read_is_skipped(aws, sim, sim2, emf, mo
     import json
 
     from embedsvc import container
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
     from embedsvc.observability import CostRecorder
     from tests.conftest import sim_registry
 

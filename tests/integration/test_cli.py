@@ -13,7 +13,7 @@ from embedsvc.cli import main
 @pytest.fixture
 def queue(aws, monkeypatch):
     from embedsvc.adapters.aws import client
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
 
     url = client("sqs").create_queue(QueueName="cli-index")["QueueUrl"]
     monkeypatch.setenv("INDEX_QUEUE_URL", url)

@@ -24,7 +24,7 @@ def worker(aws, sim, emf, monkeypatch):
     """The worker's dependencies: moto SQS DLQ, in-memory Qdrant, models served by the simulator."""
     from embedsvc import container
     from embedsvc.adapters.aws import client
-    from embedsvc.config import reset_settings
+    from embedsvc.container import reset_settings
     from embedsvc.observability import CostRecorder
 
     dlq = client("sqs").create_queue(QueueName="test-index-dlq")["QueueUrl"]

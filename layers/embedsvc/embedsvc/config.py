@@ -1,22 +1,28 @@
 """Settings and the model registry.
 
 Everything is read from the environment on first use (never at import time, so tests and the
-local stack can set the environment first) and cached; `reset_settings()` drops the cache.
+local stack can set the environment first) and cached; `container.reset_settings()` drops the cache.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from embedsvc.errors import ConfigError
 
 ProviderKind = Literal["openai", "local"]
+DEFAULT_HTTP_GUARD_SECONDS = 2.0
 Tokenizer = Literal["cl100k_base", "local", "estimate"]
 
 
@@ -32,12 +38,22 @@ class ProviderSpec(BaseModel):
     timeout_seconds: float = 30.0
     tpm: int = Field(default=1_000_000, gt=0, description="tokens per minute this provider grants us")
     rpm: int = Field(default=3_000, gt=0, description="requests per minute this provider grants us")
+    # How long the ledger keeps counting a grant after the provider's window has passed it: at least the
+    # clock skew between callers plus the spread of grant-to-provider delivery times (a cold TLS handshake
+    # to an internet API alone takes 100-300 ms). None: 2 s for HTTP providers, 0 for the in-process model.
+    guard_seconds: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> ProviderSpec:
         if self.kind == "openai" and not self.base_url:
             raise ValueError(f"provider {self.key!r}: kind 'openai' needs base_url")
         return self
+
+    def ledger_guard_seconds(self) -> float:
+        """The rate-limit ledger's guard for this provider (see `guard_seconds`)."""
+        if self.guard_seconds is not None:
+            return self.guard_seconds
+        return DEFAULT_HTTP_GUARD_SECONDS if self.kind == "openai" else 0.0
 
 
 class Endpoint(BaseModel):
@@ -59,7 +75,17 @@ class ModelSpec(BaseModel):
     max_tokens_per_request: int = Field(gt=0)
     price_per_million_tokens: float = Field(ge=0)
     tokenizer: Tokenizer = "estimate"
+    # With the `estimate` tokenizer, reservations are this much larger than the estimate, so that a provider
+    # counting up to that much more still stays within its limit; reconcile refunds the difference.
+    token_estimate_margin: float = Field(default=1.2, ge=1.0)
+    created: int = Field(default=0, ge=0, description="Unix time, as OpenAI's `created` in GET /v1/models")
     endpoints: list[Endpoint] = Field(min_length=1)  # tried in order: local first, API fallback
+
+    def reservation_tokens(self, tokens: int) -> int:
+        """Tokens to reserve for a request estimated at `tokens` (exact tokenizers reserve the count itself)."""
+        if self.tokenizer != "estimate":
+            return tokens
+        return math.ceil(tokens * self.token_estimate_margin)
 
     @field_validator("endpoints")
     @classmethod
@@ -123,6 +149,7 @@ DEFAULT_REGISTRY: dict = {
         "minilm": {
             "key": "minilm",
             "name": "all-MiniLM-L6-v2",
+            "created": 1629158400,
             "dimensions": 384,
             "max_input_tokens": 256,
             "max_inputs_per_request": 2048,
@@ -134,6 +161,7 @@ DEFAULT_REGISTRY: dict = {
         "te3s": {
             "key": "te3s",
             "name": "text-embedding-3-small",
+            "created": 1705948997,
             "dimensions": 1536,
             "supports_dimensions": True,
             "max_input_tokens": 8192,
@@ -146,6 +174,7 @@ DEFAULT_REGISTRY: dict = {
         "te3l": {
             "key": "te3l",
             "name": "text-embedding-3-large",
+            "created": 1705953180,
             "dimensions": 3072,
             "supports_dimensions": True,
             "max_input_tokens": 8192,
@@ -159,15 +188,53 @@ DEFAULT_REGISTRY: dict = {
 }
 
 
-class Settings(BaseModel):
-    """Runtime settings, one object per process (see `get_settings`)."""
+def load_registry_data(env: Mapping[str, str]) -> dict:
+    """The registry's JSON: from EMBEDSVC_REGISTRY_FILE, EMBEDSVC_REGISTRY_PARAMETER (SSM) or EMBEDSVC_REGISTRY."""
+    if path := env.get("EMBEDSVC_REGISTRY_FILE"):
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read EMBEDSVC_REGISTRY_FILE={path}: {exc}") from exc
+    if name := env.get("EMBEDSVC_REGISTRY_PARAMETER"):
+        from embedsvc.adapters.aws import get_parameter
+
+        try:
+            return json.loads(get_parameter(name))
+        except ValueError as exc:
+            raise ConfigError(f"SSM parameter {name} is not JSON: {exc}") from exc
+    if raw := env.get("EMBEDSVC_REGISTRY"):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"EMBEDSVC_REGISTRY is not JSON: {exc}") from exc
+    return DEFAULT_REGISTRY
+
+
+class _RegistrySource(PydanticBaseSettingsSource):
+    """Settings source for the one field that is not a plain variable: the model registry."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {"registry": load_registry_data(os.environ)}
+
+
+class Settings(BaseSettings):
+    """Runtime settings, one object per process (see `get_settings`); each field is the env var of its name."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", populate_by_name=True)
 
     stage: str = "local"
-    region: str = "us-east-1"
+    region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
     cache_table: str = "embedsvc-cache"
     cache_ttl_seconds: int = 30 * 24 * 3600
     ledger_table: str = "embedsvc-ratelimit"
     api_keys_table: str = "embedsvc-api-keys"
+    # Small operational records: which messages were dead-lettered (so a redelivered batch does not do it again).
+    state_table: str = "embedsvc-state"
     index_queue_url: str | None = None
     index_dlq_url: str | None = None  # the worker sends messages that can never succeed here, with a reason
     # Which models index each content type (active first, then shadow); absent types use default_model.
@@ -179,15 +246,21 @@ class Settings(BaseModel):
     # The worker skips the shared embedding cache by default: a collection's content hash already skips
     # unchanged text, a backfill for a new model never hits, and caching 500k vectors costs real DynamoDB money.
     worker_use_cache: bool = False
-    bulk_ceiling: float = Field(
-        default=0.8, gt=0, le=1
-    )  # share of a limit bulk work may use while users are active
+    # Share of a limit bulk work may use while users are active.
+    bulk_ceiling: float = Field(default=0.8, gt=0, le=1)
     # How long a caller may wait for rate-limit budget before the service sheds it (API: 429; worker: retry).
     realtime_max_wait_seconds: float = Field(default=5.0, ge=0)
     bulk_max_wait_seconds: float = Field(default=60.0, ge=0)
+    # When DynamoDB throttles or fails: 0 sheds realtime callers with 503 + Retry-After (the provider is never
+    # called unmetered). A share f > 0 keeps f x limit out of DynamoDB's grants and lets each of at most
+    # `api_max_processes` API processes grant f x limit / api_max_processes from memory (see ratelimit.py).
+    ledger_fallback_share: float = Field(default=0.0, ge=0, le=0.5)
+    api_max_processes: int = Field(default=0, ge=0)  # ApiFunction's reserved concurrency
+    # Per-tenant share of every provider limit ({"tenant-a": 0.5, "default": 0.25}); empty: no tenant caps.
+    tenant_shares: dict[str, float] = Field(default_factory=dict)
     # Cost centers callers may name (X-Cost-Source, a message's `source`): a CloudWatch dimension, so the
-    # set is closed, keeping metric cardinality and the dashboard under control.
-    cost_sources: list[str] = Field(
+    # set is closed, keeping metric cardinality and the dashboard under control. Comma-separated in the env.
+    cost_sources: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [
             "user_query",
             "note_index",
@@ -200,79 +273,71 @@ class Settings(BaseModel):
     registry: Registry
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        registry_data = DEFAULT_REGISTRY
-        if path := env.get("EMBEDSVC_REGISTRY_FILE"):
-            try:
-                registry_data = json.loads(Path(path).read_text())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"cannot read EMBEDSVC_REGISTRY_FILE={path}: {exc}") from exc
-        elif name := env.get("EMBEDSVC_REGISTRY_PARAMETER"):
-            from embedsvc.adapters.aws import get_parameter
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _RegistrySource(settings_cls)
 
-            try:
-                registry_data = json.loads(get_parameter(name))
-            except ValueError as exc:
-                raise ConfigError(f"SSM parameter {name} is not JSON: {exc}") from exc
-        elif raw := env.get("EMBEDSVC_REGISTRY"):
-            try:
-                registry_data = json.loads(raw)
-            except ValueError as exc:
-                raise ConfigError(f"EMBEDSVC_REGISTRY is not JSON: {exc}") from exc
-        fields: dict = {"registry": registry_data}
-        mapping = {
-            "STAGE": "stage",
-            "AWS_REGION": "region",
-            "CACHE_TABLE": "cache_table",
-            "CACHE_TTL_SECONDS": "cache_ttl_seconds",
-            "LEDGER_TABLE": "ledger_table",
-            "API_KEYS_TABLE": "api_keys_table",
-            "INDEX_QUEUE_URL": "index_queue_url",
-            "INDEX_DLQ_URL": "index_dlq_url",
-            "METRICS_NAMESPACE": "metrics_namespace",
-            "QDRANT_URL": "qdrant_url",
-            "QDRANT_PATH": "qdrant_path",
-            "QDRANT_API_KEY_SECRET": "qdrant_api_key_secret",
-            "BULK_CEILING": "bulk_ceiling",
-            "REALTIME_MAX_WAIT_SECONDS": "realtime_max_wait_seconds",
-            "BULK_MAX_WAIT_SECONDS": "bulk_max_wait_seconds",
-            "WORKER_USE_CACHE": "worker_use_cache",
-        }
-        if raw_models := env.get("CONTENT_MODELS"):
-            try:
-                fields["content_models"] = json.loads(raw_models)
-            except ValueError as exc:
-                raise ConfigError(f"CONTENT_MODELS is not JSON: {exc}") from exc
-        if raw_sources := env.get("COST_SOURCES"):
-            fields["cost_sources"] = [s.strip() for s in raw_sources.split(",") if s.strip()]
-        for var, field in mapping.items():
-            if env.get(var):
-                fields[field] = env[var]
-        try:
-            settings = cls.model_validate(fields)
-        except ValueError as exc:
-            raise ConfigError(f"invalid configuration: {exc}") from exc
-        for content_type, keys in settings.content_models.items():
+    @field_validator("cost_sources", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("tenant_shares")
+    @classmethod
+    def _shares_are_fractions(cls, shares: dict[str, float]) -> dict[str, float]:
+        for tenant, share in shares.items():
+            if not 0 < share <= 1:
+                raise ValueError(f"TENANT_SHARES: {tenant} has share {share}; a share lies in (0, 1]")
+        return shares
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        for content_type, keys in self.content_models.items():
             for key in keys:
-                if key not in settings.registry.models:
-                    raise ConfigError(f"CONTENT_MODELS: {content_type} names unknown model {key!r}")
-        return settings
+                if key not in self.registry.models:
+                    raise ValueError(f"CONTENT_MODELS: {content_type} names unknown model {key!r}")
+        if self.ledger_fallback_share > 0 and self.api_max_processes < 1:
+            raise ValueError(
+                "LEDGER_FALLBACK_SHARE > 0 needs API_MAX_PROCESSES (the API function's reserved concurrency): "
+                "without a bound on processes, in-memory grants have no bound either"
+            )
+        return self
+
+    @classmethod
+    def load(cls) -> Settings:
+        """Settings from the environment, or ConfigError saying what is wrong."""
+        try:
+            return cls()  # type: ignore[call-arg]  # the registry comes from _RegistrySource
+        except ValidationError as exc:
+            # Values are left out: the message reaches logs, and an env var may hold more than it should.
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                for e in exc.errors(include_input=False)
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from None
+        except SettingsError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from None
 
     def models_for(self, content_type: str) -> list[str]:
         """The model keys that index a content type (active first)."""
         return self.content_models.get(content_type) or [self.registry.default_model]
 
+    def tenant_share(self, tenant_id: str | None) -> float | None:
+        """The share of each provider limit this tenant may use, or None when it is not capped."""
+        if tenant_id is None or not self.tenant_shares:
+            return None
+        return self.tenant_shares.get(tenant_id, self.tenant_shares.get("default"))
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
-    return Settings.from_env()
-
-
-def reset_settings() -> None:
-    """Forget cached settings and every client built from them (tests, local stack)."""
-    get_settings.cache_clear()
-    from embedsvc import container
-
-    container.reset()
+    """The process's settings, read from the environment once (`container.reset_settings()` forgets them)."""
+    return Settings.load()

@@ -27,8 +27,16 @@ def put(name: str, component: Any) -> None:
         _components[name] = component
 
 
+def reset_settings() -> None:
+    """Forget cached settings and every component built from them (tests, local stack, after an env change)."""
+    from embedsvc.config import get_settings
+
+    get_settings.cache_clear()
+    reset()
+
+
 def reset() -> None:
-    """Drop every component; the next use rebuilds it from fresh settings."""
+    """Drop every component; the next use rebuilds it from the (cached) settings."""
     with _lock:
         for component in _components.values():
             close = getattr(component, "close", None)

@@ -96,7 +96,24 @@ class AllProvidersFailed(TransientError):
 
 
 class LedgerUnavailable(TransientError):
+    """DynamoDB throttled or did not answer: the provider is not called unmetered; retry shortly."""
+
     code = "rate_limit_ledger_unavailable"
+
+
+class LedgerMisconfigured(TransientError):
+    """The ledger table refuses us for good (missing table, no permission, bad request): fail closed.
+
+    Retryable for the queue (a fixed deployment resumes the work), but never waited out in memory.
+    """
+
+    code = "rate_limit_ledger_misconfigured"
+
+
+class ProviderNotConfigured(ProviderError):
+    """An endpoint cannot be used as configured (e.g. no API key): the message says how to fix it."""
+
+    code = "provider_not_configured"
 
 
 class VectorStoreUnavailable(TransientError):

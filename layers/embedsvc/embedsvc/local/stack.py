@@ -113,7 +113,7 @@ class LocalStack:
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
 
-        from embedsvc.config import reset_settings
+        from embedsvc.container import reset_settings
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         if str(ROOT) not in sys.path:
@@ -172,7 +172,7 @@ class LocalStack:
         return self.gateway.url + "/v1"
 
     def stop(self) -> None:
-        from embedsvc.config import reset_settings
+        from embedsvc.container import reset_settings
 
         if self.poller:
             self.poller.stop()

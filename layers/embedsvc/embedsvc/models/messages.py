@@ -7,10 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from embedsvc.models.names import CONTENT_TYPE_PATTERN, MAX_TAG_LENGTH
+
 CURRENT_SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+Name = Annotated[str, StringConstraints(pattern=CONTENT_TYPE_PATTERN)]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_LENGTH)]
 
 
 class IndexMessageV1(BaseModel):
@@ -22,10 +25,10 @@ class IndexMessageV1(BaseModel):
     content_type: Name  # e.g. "verse", "note"; collections are `{content_type}_{model_key}`
     id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     text: str | None = None  # absent: loaded from the content store
-    owner_id: str | None = None  # tenant that owns the content; None for shared content (verses)
+    owner_id: Tag | None = None  # tenant that owns the content; None for shared content (verses)
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: Name = "reindex"  # cost center: note_index, verse_index, reindex, backfill, ...
-    task_id: str | None = None
+    task_id: Tag | None = None
     priority: Literal["realtime", "bulk"] = "bulk"
     models: list[str] | None = (
         None  # target model keys; None -> the content type's active (and shadow) models
