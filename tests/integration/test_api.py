@@ -90,9 +90,19 @@ def test_provider_rejecting_the_request_is_not_retried_elsewhere(service, call_a
         ({"input": [], "model": TE3S}, "input", "empty list"),
         ({"input": ["x"] * 2049, "model": TE3S}, "input", "at most 2048"),
         ({"input": "word " * 9000, "model": TE3S}, "input", "at most 8192"),
-        ({"input": ["ok", 3], "model": TE3S}, "input", "array of non-empty strings"),
-        ({"input": [[1, 2, 3]], "model": TE3S}, "input", "array of non-empty strings"),
-        ({"input": "hi", "model": "gpt-nope"}, "model", "does not exist"),
+        ({"input": ["ok", 3], "model": TE3S}, "input", "mixes strings and token ids"),
+        ({"input": [1, [2]], "model": TE3S}, "input", "mixes token ids and token-id arrays"),
+        ({"input": [[1, "a"]], "model": TE3S}, "input", "'input[0][1]' must be an integer token id"),
+        ({"input": [True], "model": TE3S}, "input", "'input[0]' must be a string, a token id"),
+        ({"input": [[1.5]], "model": TE3S}, "input", "'input[0][0]' must be an integer"),
+        ({"input": 5, "model": TE3S}, "input", "array of token-id arrays"),
+        ({"input": [[]], "model": TE3S}, "input", "'input[0]' is an empty array of token ids"),
+        ({"input": [[1, -1]], "model": TE3S}, "input", "'input[0][1]' is not a cl100k_base token id"),
+        ({"input": [[100256]], "model": TE3S}, "input", "ids run from 0 to 100255"),
+        ({"input": [10**30], "model": TE3S}, "input", "not a cl100k_base token id"),
+        ({"input": [[220]], "model": TE3S}, "input", "empty strings cannot be embedded"),  # a lone space
+        ({"input": [[1] * 8193], "model": TE3S}, "input", "8193 tokens"),
+        ({"input": "\ud800 half an emoji", "model": TE3S}, "input", "not valid Unicode"),
         ({"input": "hi", "model": "small-test-model", "dimensions": 4}, "dimensions", "does not support"),
         ({"input": "hi", "model": TE3S, "dimensions": 4096}, "dimensions", "between 1 and 1536"),
         ({"input": "hi", "model": TE3S, "encoding_format": "int8"}, "encoding_format", "encoding_format"),
@@ -109,6 +119,57 @@ def test_bad_input_is_a_400_in_openai_shape_without_a_provider_call(
     assert error["param"] == param
     assert fragment in error["message"]
     assert sim.calls == 0
+
+
+def test_unknown_model_is_a_404_model_not_found_as_openai_answers(service, call_api, sim):
+    status, answer, _ = call_api({"input": "hi", "model": "gpt-nope"})
+    assert status == 404
+    assert answer["error"]["code"] == "model_not_found" and answer["error"]["param"] == "model"
+    assert "does not exist" in answer["error"]["message"]
+    assert sim.calls == 0
+
+
+def test_a_body_that_is_not_json_is_a_415_in_openai_shape(service, call_api, sim):
+    status, answer, _ = call_api("input=hello", raw=True, headers={"Content-Type": "text/plain"})
+    assert status == 415
+    assert answer["error"]["type"] == "invalid_request_error" and "text/plain" in answer["error"]["message"]
+    assert sim.calls == 0
+
+
+def test_an_unexpected_exception_is_a_500_in_openai_shape_logged_without_the_text(
+    service, call_api, sim, monkeypatch, caplog
+):
+    secret = "my private note"
+
+    def explode(*args, **kwargs):
+        raise KeyError(secret)  # as if some code quoted the input in its message
+
+    monkeypatch.setattr(type(service.embedding_service()), "embed", explode)
+    status, answer, _ = call_api({"input": secret, "model": TE3S})
+    assert status == 500
+    assert answer == {
+        "error": {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    (record,) = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    assert record.error_type == "KeyError"
+    assert "explode" in "".join(record.stack)  # where it was raised
+    assert secret not in str(record.__dict__)
+
+
+def test_an_over_long_task_id_is_a_400_naming_the_header(service, call_api, sim):
+    from embedsvc.models.names import MAX_TAG_LENGTH
+
+    ok = call_api({"input": "hello", "model": TE3S}, headers={"X-Task-Id": "t" * MAX_TAG_LENGTH})
+    assert ok[0] == 200
+    status, answer, _ = call_api({"input": "hello", "model": TE3S}, headers={"X-Task-Id": "t" * 129})
+    assert status == 400
+    assert answer["error"]["param"] == "X-Task-Id" and str(MAX_TAG_LENGTH) in answer["error"]["message"]
+    assert sim.calls == 1
 
 
 def test_malformed_json_is_a_400(service, call_api, sim):
@@ -170,10 +231,54 @@ def test_source_defaults_to_user_query_and_user_cannot_be_set_from_the_body(serv
     assert emf[0]["user_id"] == "user-1"
 
 
-def test_models_route_lists_the_registry(service, call_api):
+def test_models_route_lists_the_registry_with_created_owner_and_limits(service, call_api):
     status, body, _ = call_api(None, path="/v1/models", method="GET", raw=True)
     assert status == 200
-    assert {m["id"] for m in body["data"]} == {TE3S, "small-test-model"}
+    models = {m["id"]: m for m in body["data"]}
+    assert set(models) == {TE3S, "small-test-model"}
+    te3s = models[TE3S]
+    assert te3s["object"] == "model" and te3s["created"] == 1705948997 and te3s["owned_by"] == "embedsvc"
+    assert te3s["limits"] == {
+        "max_inputs_per_request": 2048,
+        "max_input_tokens": 8192,
+        "max_total_tokens": 300_000,
+        "max_inputs_per_response": {"float": 240, "base64": 762},
+    }
+    assert models["small-test-model"]["limits"]["max_input_tokens"] == 50
+
+
+def test_token_id_arrays_are_decoded_and_usage_counts_the_ids_sent(service, call_api, sim):
+    from embedsvc.services.tokens import _cl100k
+
+    encoding = _cl100k()
+    hello = encoding.encode_ordinary("hello world")
+    # "hello" spelled in two ids: OpenAI counts the ids it is sent, not those of the canonical spelling.
+    split = [encoding.encode_single_token(b"hel"), encoding.encode_single_token(b"lo")]
+    status, body, _ = call_api({"input": [hello, split], "model": TE3S})
+    assert status == 200, body
+    assert np.allclose(body["data"][0]["embedding"], hash_vector("hello world", 1536), atol=1e-6)
+    assert np.allclose(body["data"][1]["embedding"], hash_vector("hello", 1536), atol=1e-6)
+    assert body["usage"]["prompt_tokens"] == len(hello) + 2 == 4
+    assert sim.records[0].inputs == 2
+
+
+def test_one_flat_token_array_is_one_input(service, call_api):
+    from embedsvc.services.tokens import _cl100k
+
+    ids = _cl100k().encode_ordinary("In the beginning")
+    status, body, _ = call_api({"input": ids, "model": TE3S, "encoding_format": "base64"})
+    assert status == 200 and len(body["data"]) == 1
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_token_ids_for_a_model_without_cl100k_are_counted_by_that_model(service, call_api, sim):
+    from embedsvc.services.tokens import _cl100k, estimate_tokens
+
+    text = "the decoded words are what this model sees"
+    status, body, _ = call_api({"input": [_cl100k().encode_ordinary(text)], "model": "small-test-model"})
+    assert status == 200, body
+    assert np.allclose(body["data"][0]["embedding"], hash_vector(text, 8), atol=1e-6)
+    assert body["usage"]["prompt_tokens"] == estimate_tokens(text)
 
 
 def test_large_request_is_split_at_the_models_limits(service, call_api, sim):

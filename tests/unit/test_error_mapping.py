@@ -23,7 +23,7 @@ from embedsvc.errors import (
     ("error", "status", "etype", "code", "retryable"),
     [
         (InvalidRequest("bad", param="input"), 400, "invalid_request_error", "invalid_request", False),
-        (UnknownModel("gpt-x", ["a", "b"]), 400, "invalid_request_error", "model_not_found", False),
+        (UnknownModel("gpt-x", ["a", "b"]), 404, "invalid_request_error", "model_not_found", False),
         (ProviderRejected("no"), 400, "invalid_request_error", "provider_rejected", False),
         (Unauthorized("who"), 401, "invalid_request_error", "invalid_api_key", False),
         (ServiceOverloaded("busy", retry_after=2.2), 429, "rate_limit_exceeded", "rate_limit_exceeded", True),
@@ -57,7 +57,18 @@ def test_unknown_model_lists_the_known_ones():
         (
             [{"type": "string_type", "loc": ("body", "input", "str"), "msg": "x"}],
             "input",
-            "array of non-empty strings",
+            "an array of token-id arrays",
+        ),
+        (
+            [
+                {
+                    "type": "input_shape",
+                    "loc": ("body", "input"),
+                    "msg": "'input' mixes a and b; send one kind.",
+                }
+            ],
+            "input",
+            "'input' mixes a and b",
         ),
         ([{"type": "missing", "loc": ("body", "model"), "msg": "Field required"}], "model", "Field required"),
         (

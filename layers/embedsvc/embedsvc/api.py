@@ -11,7 +11,10 @@ from aws_lambda_powertools.event_handler import Response
 
 from embedsvc.config import Registry
 from embedsvc.errors import EmbedServiceError, InvalidRequest
+from embedsvc.models.api import MAX_INPUTS, MAX_TOTAL_TOKENS
+from embedsvc.models.names import MAX_TAG_LENGTH
 from embedsvc.observability import CallContext
+from embedsvc.services.response_limits import max_inputs_per_response
 
 JSON = "application/json"
 
@@ -27,11 +30,18 @@ def principal_context(event, allowed_sources: list[str]) -> CallContext:
             f"Unknown cost source {source[:64]!r} in X-Cost-Source; allowed: {', '.join(allowed_sources)}.",
             param="X-Cost-Source",
         )
+    task_id = event.get_header_value("X-Task-Id", case_sensitive=False)
+    if task_id is not None and len(task_id) > MAX_TAG_LENGTH:
+        # It travels in every cost record and log line: bounded, like every free-form tag.
+        raise InvalidRequest(
+            f"X-Task-Id has {len(task_id)} characters; at most {MAX_TAG_LENGTH} are allowed.",
+            param="X-Task-Id",
+        )
     return CallContext(
         source=source,
         user_id=raw.get("user_id") or raw.get("principalId"),
         tenant_id=raw.get("tenant_id"),
-        task_id=event.get_header_value("X-Task-Id", case_sensitive=False),
+        task_id=task_id,
     )
 
 
@@ -56,18 +66,42 @@ def embeddings_response(result, encoding_format: str) -> Response:
 
 
 def model_list(registry: Registry) -> Response:
+    """OpenAI's model list, each entry with its request and response limits."""
     data = [
-        {"id": m.name, "object": "model", "owned_by": "embedsvc", "key": m.key, "dimensions": m.dimensions}
+        {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "embedsvc",
+            "key": m.key,
+            "dimensions": m.dimensions,
+            "limits": {
+                "max_inputs_per_request": MAX_INPUTS,
+                "max_input_tokens": m.max_input_tokens,
+                "max_total_tokens": MAX_TOTAL_TOKENS,
+                "max_inputs_per_response": {
+                    fmt: max_inputs_per_response(m.dimensions, fmt, m.name) for fmt in ("float", "base64")
+                },
+            },
+        }
         for m in registry.models.values()
     ]
     return Response(200, JSON, json.dumps({"object": "list", "data": data}))
 
 
 def error_response(exc: EmbedServiceError, status: int | None = None) -> Response:
+    """An error of the service's hierarchy as OpenAI's error body, with Retry-After where known."""
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return Response(status or exc.status, JSON, json.dumps(exc.to_openai()), headers=headers)
+
+
+def http_error_response(status: int, message: str, code: str | None = None) -> Response:
+    """Any other HTTP error (the router's own, an unexpected failure) in OpenAI's error body."""
+    etype = "server_error" if status >= 500 else "invalid_request_error"
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return Response(status, JSON, json.dumps(body))
 
 
 def validation_error_response(errors: list[dict]) -> Response:
@@ -77,9 +111,15 @@ def validation_error_response(errors: list[dict]) -> Response:
     if first.get("type") == "json_invalid":
         message = "We could not parse the JSON body of your request."
         param = None
+    elif loc and loc[0] == "input" and first.get("type") == "input_shape":
+        message = first.get("msg", "'input' is invalid.")  # the request model's own, naming the item
+        param = "input"
     elif loc and loc[0] == "input" and first.get("type") != "missing":
-        # A union error (string | list of strings) names pydantic's branches; say what OpenAI says.
-        message = "'input' must be a non-empty string or an array of non-empty strings."
+        # A union error (four branches) names pydantic's branches; say what the input may be.
+        message = (
+            "'input' must be a non-empty string, an array of non-empty strings, an array of token ids "
+            "or an array of token-id arrays."
+        )
         param = "input"
     else:
         param = loc[0] if loc else None

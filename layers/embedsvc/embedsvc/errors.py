@@ -36,6 +36,7 @@ class InvalidRequest(EmbedServiceError):
 
 
 class UnknownModel(InvalidRequest):
+    status = 404
     code = "model_not_found"
 
     def __init__(self, model: str, known: list[str]):

@@ -8,7 +8,7 @@ import numpy as np
 
 from embedsvc.config import ModelSpec, Registry
 from embedsvc.errors import EmbedServiceError, InvalidRequest, ProviderRejected
-from embedsvc.models.api import MAX_INPUTS
+from embedsvc.models.api import MAX_INPUTS, EncodingFormat
 from embedsvc.observability import CallContext, CostRecorder
 from embedsvc.services.batching import RequestLimits, split_requests
 from embedsvc.services.ratelimit import Lane
@@ -69,6 +69,7 @@ class EmbeddingService:
         return dimensions
 
     def validate_inputs(self, texts: list[str]) -> None:
+        """A 400 for what no provider can embed: no inputs, too many, non-strings, blank or invalid text."""
         if not texts:
             raise InvalidRequest("'input' must not be an empty list.", param="input")
         if len(texts) > MAX_INPUTS:
@@ -82,18 +83,51 @@ class EmbeddingService:
                 raise InvalidRequest(
                     f"'input[{index}]' is empty; empty strings cannot be embedded.", param="input"
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON may carry a lone surrogate (\ud800); no tokenizer or provider can take it.
+                raise InvalidRequest(
+                    f"'input[{index}]' is not valid Unicode (it holds a lone surrogate).", param="input"
+                ) from None
 
     def embed(
         self,
-        texts: list[str],
+        inputs: list[str] | list[list[int]],
         model: str,
         *,
         context: CallContext,
         lane: Lane = Lane.REALTIME,
         dimensions: int | None = None,
         truncate: bool = False,
+        encoding_format: EncodingFormat | None = None,
+        max_total_tokens: int | None = None,
     ) -> EmbedResult:
-        """Vectors for every text, or the first failure raised (the API's all-or-nothing contract)."""
+        """Vectors for every input, or the first failure raised (the API's all-or-nothing contract).
+
+        `inputs` are texts or arrays of cl100k_base token ids (decoded to text for every model). The API
+        passes `encoding_format`, so the answer must fit one Lambda response, and `max_total_tokens`,
+        OpenAI's per-request cap; like every other limit they are checked before the cache or a provider.
+        """
+        from embedsvc.services import api_limits
+        from embedsvc.services.token_inputs import decode_token_inputs, is_token_inputs
+
+        spec = self.registry.model(model)
+        dims = self.resolve_dimensions(spec, dimensions)
+        id_counts: list[int] | None = None
+        if is_token_inputs(inputs):
+            texts = decode_token_inputs(inputs)
+            # OpenAI counts the ids it is sent; other models count the decoded text their own way.
+            id_counts = [len(ids) for ids in inputs] if spec.tokenizer == "cl100k_base" else None
+        else:
+            texts = list(inputs)
+        self.validate_inputs(texts)
+        if encoding_format is not None:
+            api_limits.check_answer_fits(spec, dims, encoding_format, len(texts))
+        if id_counts is not None and not truncate:
+            api_limits.check_tokens_per_input(spec, id_counts)
+        if max_total_tokens is not None:
+            api_limits.check_total_tokens(spec, texts, max_total_tokens, id_counts)
         result = self.embed_partial(  # all or nothing: stop at the first failed provider request
             texts,
             model,
@@ -106,6 +140,8 @@ class EmbeddingService:
         )
         if result.errors:
             raise next(iter(result.errors.values()))
+        if id_counts is not None:
+            result.prompt_tokens = sum(id_counts)
         return result
 
     def embed_partial(
