@@ -20,7 +20,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from embedsvc.services.evaluation.service import EvaluationRequest, evaluate_request
+from embedsvc.services.evaluation.job import EvaluationRequest, evaluate_request
 
 logger = Logger()
 tracer = Tracer()

@@ -47,7 +47,7 @@ def s3(service, monkeypatch):
 @pytest.fixture
 def indexed(service, s3) -> dict[str, str]:
     """The verses indexed through the worker path into verse_te3s, and the ground truth in S3."""
-    from embedsvc.services.evaluation.service import index_corpus
+    from embedsvc.services.evaluation.corpus import index_corpus
 
     docs = verses()
     index_corpus("te3s", "verse_te3s", docs, None, info=lambda m: None)
@@ -239,7 +239,7 @@ def test_beir_ground_truth_from_s3(indexed, s3):
 
 
 def test_every_sample_event_is_a_valid_payload():
-    from embedsvc.services.evaluation.service import EvaluationRequest
+    from embedsvc.services.evaluation.job import EvaluationRequest
 
     paths = sorted(EVENTS.glob("*.json"))
     assert paths
@@ -328,7 +328,7 @@ GATE_QUERIES = 300
 @pytest.fixture
 def gate_corpus(service, s3) -> list[str]:
     """400 real verses indexed into verse_te3s; 300 of them are queries for their own text."""
-    from embedsvc.services.evaluation.service import index_corpus
+    from embedsvc.services.evaluation.corpus import index_corpus
 
     docs: dict[str, str] = {}
     with SHARED_VERSES.open() as fh:

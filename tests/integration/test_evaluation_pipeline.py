@@ -209,7 +209,8 @@ class ScriptedIndexer:
 
 
 def test_index_corpus_retries_with_backoff_then_gives_up_clearly(service):
-    from embedsvc.services.evaluation.service import IndexingIncomplete, index_corpus
+    from embedsvc.services.evaluation.corpus import index_corpus
+    from embedsvc.services.evaluation.errors import IndexingIncomplete
 
     docs = {f"d{i}": f"document {i}" for i in range(250)}
     sleeps: list[float] = []
@@ -243,7 +244,8 @@ def test_index_corpus_retries_with_backoff_then_gives_up_clearly(service):
 
 
 def test_a_document_the_worker_refuses_fails_the_evaluation(service):
-    from embedsvc.services.evaluation.service import IndexingFailed, index_corpus
+    from embedsvc.services.evaluation.corpus import index_corpus
+    from embedsvc.services.evaluation.errors import IndexingFailed
 
     with pytest.raises(IndexingFailed, match="refused document 'd0' for synth_te3s: text is empty"):
         index_corpus(
@@ -261,7 +263,7 @@ def test_a_document_the_worker_refuses_fails_the_evaluation(service):
 
 def test_provider_outage_during_indexing_is_retried_through_the_worker(service, sim, sim2):
     from embedsvc import container
-    from embedsvc.services.evaluation.service import index_corpus
+    from embedsvc.services.evaluation.corpus import index_corpus
 
     sim.inject(*[Fault(status=500)] * 3)
     sim2.inject(*[Fault(status=500)] * 3)
@@ -330,8 +332,8 @@ def test_scifact_slice_with_the_local_model_equals_exact_search(aws, scifact_sli
 def test_demo_step_evaluates_topics_on_the_indexed_verses_only(service, tmp_path):
     import io
 
-    from embedsvc.services.evaluation.demo import evaluate_bible_topics
-    from embedsvc.services.evaluation.service import index_corpus
+    from embedsvc.local.demo_eval import evaluate_bible_topics
+    from embedsvc.services.evaluation.corpus import index_corpus
 
     bible = FIXTURES / "bible"
     verses = [json.loads(line) for line in (bible / "bible" / "bsb_verses.jsonl").read_text().splitlines()]

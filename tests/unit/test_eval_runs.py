@@ -15,8 +15,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from embedsvc.services.evaluation.chart import render_chart
-from embedsvc.services.evaluation.cli import add_eval_parser, default_collection, run_eval
+from embedsvc.charts.evaluation import render_chart
+from embedsvc.cli.eval import add_eval_parser, default_collection, run_eval
 from embedsvc.services.evaluation.groundtruth import EvalDataError, GroundTruth, load_beir
 from embedsvc.services.evaluation.metrics import DEFAULT_METRICS, GATE_METRICS
 from embedsvc.services.evaluation.runner import evaluate

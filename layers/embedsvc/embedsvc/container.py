@@ -118,6 +118,17 @@ def embedding_service():
     return _get("embedding_service", build)
 
 
+def search_service():
+    """Query texts in, nearest content out: what `/v1/search` and the evaluation both search with."""
+
+    def build():
+        from embedsvc.services.search import SearchService
+
+        return SearchService(embedding_service(), vector_store(), settings())
+
+    return _get("search_service", build)
+
+
 def api_keys():
     def build():
         from embedsvc.adapters.aws import client

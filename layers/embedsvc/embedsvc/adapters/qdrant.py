@@ -113,6 +113,21 @@ class VectorStore:
     def exists(self, name: str) -> bool:
         return bool(self._call("collection_exists", self.client.collection_exists, name))
 
+    def alias_target(self, alias: str) -> str | None:
+        """The collection an alias points at, or None when there is no such alias."""
+        answer = self._call("get_aliases", self.client.get_aliases)
+        for description in answer.aliases:
+            if description.alias_name == alias:
+                return str(description.collection_name)
+        return None
+
+    def vector_size(self, collection: str) -> int | None:
+        """The vector size of a collection, or None when Qdrant does not say (e.g. named vectors)."""
+        info = self._call("get_collection", self.client.get_collection, collection)
+        vectors = getattr(getattr(getattr(info, "config", None), "params", None), "vectors", None)
+        size = getattr(vectors, "size", None)
+        return int(size) if size is not None else None
+
     def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Stored payloads of the given points (absent points are absent)."""
         if not point_ids:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from embedsvc.local.stack import ROOT, LocalStack
 
@@ -43,14 +44,17 @@ def load_verses(path: Path, books: tuple[str, ...] | None) -> list[dict]:
     return verses
 
 
-def progress(done: int, total: int, started: float, label: str) -> None:
-    rate = done / max(time.perf_counter() - started, 1e-9)
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:,.0f}/s)")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def progress_bar(total: int, label: str) -> Any:
+    """A tqdm bar on stderr; off a terminal it is redrawn at most every 10 s, so logs stay short."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"  {label}",
+        unit="verse",
+        file=sys.stderr,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -60,18 +64,18 @@ def batches(items: list, size: int) -> Iterator[list]:
 
 def embed_through_api(client, verses: list[dict], model: str, label: str) -> tuple[int, int]:
     """Embed every verse via POST /v1/embeddings; returns (tokens, cache hits)."""
-    started, done, tokens, hits = time.perf_counter(), 0, 0, 0
-    for chunk in batches(verses, BATCH):
-        raw = client.embeddings.with_raw_response.create(
-            model=model,
-            input=[v["text"] for v in chunk],
-            extra_headers={"X-Cost-Source": "verse_index", "X-Task-Id": "demo"},
-        )
-        response = raw.parse()
-        tokens += response.usage.prompt_tokens
-        hits += int(raw.headers.get("x-cache-hits", 0))
-        done += len(chunk)
-        progress(done, len(verses), started, label)
+    tokens, hits = 0, 0
+    with progress_bar(len(verses), label) as bar:
+        for chunk in batches(verses, BATCH):
+            raw = client.embeddings.with_raw_response.create(
+                model=model,
+                input=[v["text"] for v in chunk],
+                extra_headers={"X-Cost-Source": "verse_index", "X-Task-Id": "demo"},
+            )
+            response = raw.parse()
+            tokens += response.usage.prompt_tokens
+            hits += int(raw.headers.get("x-cache-hits", 0))
+            bar.update(len(chunk))
     return tokens, hits
 
 
@@ -174,17 +178,17 @@ def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
     started = time.perf_counter()
     # Produce in waves of one batch and drain each: moto's SQS receive costs grow with queue depth
     # (real SQS's do not), so the demo keeps the local queue short.
-    done = 0
-    for wave in batches(verses, poller.batch_size):
-        for chunk in batches(wave, 10):
-            entries = [{"Id": str(i), "MessageBody": index_message(v)} for i, v in enumerate(chunk)]
-            sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-        delivered = 0
-        # Stop at the wave's size instead of polling an empty queue for a whole batching window.
-        while delivered < len(wave) and (count := poller.poll_once()) > 0:
-            delivered += count
-            done += count
-            progress(min(done, len(verses)), len(verses), started, "indexing   ")
+    with progress_bar(len(verses), "indexing   ") as bar:
+        for wave in batches(verses, poller.batch_size):
+            for chunk in batches(wave, 10):
+                entries = [{"Id": str(i), "MessageBody": index_message(v)} for i, v in enumerate(chunk)]
+                sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+            delivered = 0
+            # Stop at the wave's size instead of polling an empty queue for a whole batching window.
+            while delivered < len(wave) and (count := poller.poll_once()) > 0:
+                delivered += count
+                # poll_once counts redeliveries too: the bar stops when full.
+                bar.update(min(count, len(verses) - bar.n))
     poller.drain(idle_polls=1)  # redeliveries of transient failures, if any
     store = container.vector_store()
     collection = "verse_" + container.settings().models_for("verse")[0]
@@ -211,7 +215,7 @@ def search_examples(client, model: str, verses: list[dict]) -> None:
 
 def evaluate_topics(verses: list[dict]) -> None:
     try:
-        from embedsvc.services.evaluation.demo import evaluate_bible_topics
+        from embedsvc.local.demo_eval import evaluate_bible_topics
     except ImportError:
         print("   (evaluation package not available)")
         return

@@ -1,6 +1,8 @@
 """Retrieval-quality evaluation: ground truth, trec_eval metrics, runs, baselines and the migration gate.
 
-`chart` (matplotlib) and `cli` are imported on demand, so the Lambda layer needs neither.
+`corpus` indexes a corpus through the worker path, `retrieval` searches through the search service,
+and `job` is the EvaluationFunction's job; they reach the service only when called. The `embedsvc eval`
+command lives in `embedsvc.cli.eval` and the chart in `embedsvc.charts.evaluation`.
 """
 
 from embedsvc.services.evaluation.compare import (

@@ -64,10 +64,10 @@ def evaluate_bible_topics(
     written to <workdir>/eval_topics.png.
     """
     from embedsvc import container
-    from embedsvc.services.evaluation.chart import render_chart
+    from embedsvc.charts.evaluation import render_chart
+    from embedsvc.services.evaluation.retrieval import evaluation_search
     from embedsvc.services.evaluation.runner import evaluate
     from embedsvc.services.evaluation.runs import LocalRunStore
-    from embedsvc.services.evaluation.service import search
 
     out = out or sys.stdout
     topics_dir = Path(topics_dir)
@@ -91,7 +91,7 @@ def evaluate_bible_topics(
     collection = collection or f"{CONTENT_TYPE}_{model_key}"
 
     def find(texts: list[str], limit: int) -> list[list[tuple[str, float]]]:
-        return search(model_key, collection, texts, limit, task_id="demo-eval")
+        return evaluation_search(model_key, collection, texts, limit, task_id="demo-eval")
 
     run = evaluate(gt, search=find, k_search=100, model_key=model_key, collection=collection)
     workdir = Path(workdir) if workdir is not None else _demo_workdir()

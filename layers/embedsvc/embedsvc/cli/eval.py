@@ -1,20 +1,25 @@
 """`embedsvc eval`: index a corpus, search the ground-truth queries, score, store, compare with the baseline.
 
-The caller injects the service: `index_corpus(model_key, collection, docs, progress)` and
-`search(model_key, collection, query_texts, limit)`; this module owns arguments, files and output.
+`run_cli` wires the service in: on the embedded local stack by default, or with `--aws` on the
+environment's AWS and Qdrant configuration. `run_eval` takes the service injected,
+`index_corpus(model_key, collection, docs, progress)` and `search(model_key, collection, query_texts,
+limit)`, and owns arguments, files and output.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
-from embedsvc.services.evaluation.chart import render_chart
+from embedsvc.charts.evaluation import render_chart
 from embedsvc.services.evaluation.compare import Comparison, compare, gate_record
 from embedsvc.services.evaluation.groundtruth import EvalDataError, GroundTruth, load_ground_truth
 from embedsvc.services.evaluation.metrics import DEFAULT_METRICS
@@ -229,7 +234,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="significance level a drop must reach under the paired randomization test to fail the gate. "
         "Default: 0.05.",
     )
-    p.set_defaults(command="eval")
+    p.set_defaults(command="eval", func=run_cli)
     return p
 
 
@@ -249,42 +254,34 @@ def default_collection(ground_truth: str, model_key: str) -> str:
     return f"eval_{slug}_{model_key}"
 
 
-class _Progress:
-    """Progress on stderr: a redrawn bar on a terminal; else 'label done/total' about every 10%,
-    so logs stay short."""
+@contextlib.contextmanager
+def _progress(label: str, unit: str, err: TextIO) -> Iterator[ProgressFn]:
+    """A ProgressFn drawing a tqdm bar on `err`, closed however the step ends.
 
-    WIDTH = 30
+    On a terminal the bar redraws; elsewhere (logs, CI) it is redrawn at most every 10 s, so logs stay short.
+    """
+    try:
+        from tqdm import tqdm  # in the `local` extra only: without it, a run shows no bar
+    except ImportError:
+        yield lambda done, total: None
+        return
+    isatty = getattr(err, "isatty", None)
+    tty = bool(callable(isatty) and isatty())
+    bars: list[Any] = []
 
-    def __init__(self, label: str, err: TextIO):
-        self.label = label
-        self.err = err
-        self.last = -1
-        self.started = time.perf_counter()
-        isatty = getattr(err, "isatty", None)
-        self.bar = bool(callable(isatty) and isatty())
+    def update(done: int, total: int) -> None:
+        # Made on the first report, so that a step failing before any progress leaves no empty bar.
+        if not bars:
+            bars.append(tqdm(total=total, desc=label, unit=unit, file=err, mininterval=0.1 if tty else 10.0))
+        bar = bars[0]
+        bar.total = total
+        bar.update(done - bar.n)
 
-    def __call__(self, done: int, total: int) -> None:
-        if done == 0:
-            self.started = time.perf_counter()
-        if self.bar:
-            self._draw(done, total)
-            return
-        step = done * 10 // total if total else 10
-        if step != self.last or done == total:
-            self.last = step
-            print(f"{self.label} {done}/{total}", file=self.err, flush=True)
-
-    def _draw(self, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - self.started
-        filled = self.WIDTH * done // total if total else self.WIDTH
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", {(total - done) / rate:.0f}s left" if 0 < done < total and rate > 0 else ""
-        self.err.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} ({rate:,.0f}/s{eta})"
-        )
-        if done >= total:
-            self.err.write(f" {elapsed:.1f}s\n")
-        self.err.flush()
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def run_eval(
@@ -337,23 +334,25 @@ def run_eval(
 
     if gt.corpus is not None:
         info(f"indexing {len(gt.corpus)} documents into {collection} with {args.model}")
-        index_corpus(args.model, collection, gt.corpus, _Progress("indexed", err))
+        with _progress("indexed", "doc", err) as progress:
+            index_corpus(args.model, collection, gt.corpus, progress)
     else:
         info(f"no --corpus: searching {collection} as it is")
 
     def bound_search(texts: list[str], limit: int) -> list[list[tuple[str, float]]]:
         return search(args.model, collection, texts, limit)
 
-    run = evaluate(
-        gt,
-        search=bound_search,
-        k_search=args.depth,
-        exclude_self=args.exclude_self,
-        model_key=args.model,
-        collection=collection,
-        metrics=DEFAULT_METRICS,
-        progress=_Progress("searched", err),
-    )
+    with _progress("searched", "query", err) as progress:
+        run = evaluate(
+            gt,
+            search=bound_search,
+            k_search=args.depth,
+            exclude_self=args.exclude_self,
+            model_key=args.model,
+            collection=collection,
+            metrics=DEFAULT_METRICS,
+            progress=progress,
+        )
 
     baseline: Run | None = None
     comparison: Comparison | None = None
@@ -439,3 +438,78 @@ def _table(run: Run, gt: GroundTruth, comparison: Comparison | None) -> str:
         lines.append("")
         lines.append(comparison.format_table())
     return "\n".join(lines)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_workdir() -> Path:
+    """Where `embedsvc eval` keeps its local state by default: .local/eval in the repository."""
+    from embedsvc.local.stack import ROOT
+
+    return ROOT / ".local" / "eval"
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`embedsvc eval`: on the embedded local stack (default) or the environment's AWS (`--aws`)."""
+    # Counting tokens, transformers warns about every abstract longer than the model window; the
+    # model truncates them itself (as the published numbers assume), so the warning only misleads.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    workdir = Path(args.workdir) if getattr(args, "workdir", None) else default_workdir()
+    if getattr(args, "aws", False):
+        _stderr("using the environment's AWS and Qdrant configuration (--aws)")
+        return _run_cli(args, workdir, aws=True)
+    from embedsvc.local.stack import LocalStack
+
+    _stderr(f"starting the embedded local stack in {workdir} (Qdrant on disk in {workdir / 'qdrant'})")
+    with LocalStack(workdir, serve_api=False):
+        return _run_cli(args, workdir, aws=False)
+
+
+def _run_cli(args: argparse.Namespace, workdir: Path, *, aws: bool) -> int:
+    from embedsvc import container
+    from embedsvc.observability import CostRecorder
+    from embedsvc.services.evaluation.corpus import IndexReport, index_corpus, indexable_content_type
+    from embedsvc.services.evaluation.retrieval import evaluation_search
+    from embedsvc.services.search import CollectionNotFound
+
+    settings = container.settings()
+    args.model = settings.registry.model(args.model).key  # a model name works too; runs record the key
+    if aws:
+        if not settings.qdrant_url and not settings.qdrant_path:
+            _stderr("warning: neither QDRANT_URL nor QDRANT_PATH is set: Qdrant runs in memory for this run")
+        # EMF on stdout reaches CloudWatch only from Lambda; here it would bury the results.
+        workdir.mkdir(parents=True, exist_ok=True)
+        emf_log = workdir / "emf.jsonl"
+
+        def to_file(blob: dict) -> None:
+            with emf_log.open("a") as fh:
+                fh.write(json.dumps(blob) + "\n")
+
+        container.put("costs", CostRecorder(namespace=settings.metrics_namespace, sink=to_file))
+    if args.corpus and args.collection:
+        indexable_content_type(args.collection, args.model)  # refuse a bad name before loading anything
+    task_id = f"eval-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+
+    def index(model_key: str, collection: str, docs: Mapping[str, str], progress: ProgressFn) -> IndexReport:
+        return index_corpus(model_key, collection, docs, progress, task_id=task_id)
+
+    def find(model_key: str, collection: str, texts: list[str], limit: int) -> list[list[tuple[str, float]]]:
+        try:
+            return evaluation_search(model_key, collection, texts, limit, task_id=task_id)
+        except CollectionNotFound as exc:
+            # The service cannot know the fix; the CLI can (its own --corpus option).
+            raise CollectionNotFound(
+                f"{exc.message}; index a corpus into it first (embedsvc eval --corpus ...)", param=exc.param
+            ) from None
+
+    try:
+        return run_eval(args, index_corpus=index, search=find, default_runs_dir=str(workdir / "runs"))
+    finally:
+        flush = getattr(container.cache(), "flush", None)
+        if callable(flush):
+            try:
+                flush()
+            except Exception as exc:  # a cache write lost is a future miss, not a failed evaluation
+                _stderr(f"warning: embedding cache writes not flushed: {exc!r}")

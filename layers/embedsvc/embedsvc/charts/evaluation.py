@@ -1,4 +1,4 @@
-"""A small PNG of metrics by run, for people who would rather look than read."""
+"""Evaluation runs as a small PNG: grouped bars of their metrics."""
 
 from __future__ import annotations
 
