@@ -61,27 +61,6 @@ class Config:
     realtime_threads: int
 
 
-def make_serializing_moto() -> None:
-    """Serialize moto's DynamoDB item operations, as DynamoDB serializes writes to one item.
-
-    moto evaluates a ConditionExpression and applies the update in separate Python steps with no lock,
-    so two server threads can both pass the same check, and concurrent ADDs lose updates (16 threads x
-    100 ADDs of 1 end near 1,400). Real DynamoDB does neither; without this the benchmark would measure
-    moto's race, not the ledger.
-    """
-    from moto.dynamodb.models import DynamoDBBackend
-
-    lock = threading.RLock()
-    for name in ("get_item", "put_item", "update_item", "delete_item", "transact_write_items"):
-        original = getattr(DynamoDBBackend, name)
-
-        def locked(self, *args, _original=original, **kwargs):
-            with lock:
-                return _original(self, *args, **kwargs)
-
-        setattr(DynamoDBBackend, name, locked)
-
-
 def dynamodb_client(endpoint: str):
     """A boto3 DynamoDB client for the shared moto server."""
     import boto3
@@ -321,10 +300,11 @@ def main() -> None:
 
     from moto.server import ThreadedMotoServer
 
+    from embedsvc.local.moto_atomic import serialize_dynamodb_items
     from embedsvc.local.provider_sim import RequestRecord
     from embedsvc.services.ratelimit import create_ledger_table
 
-    make_serializing_moto()
+    serialize_dynamodb_items()  # DynamoDB is atomic per item; moto's server threads are not
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -21,6 +21,7 @@ TEST_ENV = {
     "CACHE_TABLE": "test-cache",
     "LEDGER_TABLE": "test-ledger",
     "API_KEYS_TABLE": "test-api-keys",
+    "STATE_TABLE": "test-state",
     "POWERTOOLS_TRACE_DISABLED": "true",
     "POWERTOOLS_SERVICE_NAME": "embedsvc-test",
     "POWERTOOLS_LOG_LEVEL": "WARNING",
@@ -98,6 +99,7 @@ def aws(env) -> Iterator[None]:
     with mock_aws():
         from embedsvc.adapters.aws import client
         from embedsvc.adapters.cache import create_cache_table
+        from embedsvc.adapters.dead_letters import create_state_table
         from embedsvc.services.auth import create_api_keys_table
         from embedsvc.services.ratelimit import create_ledger_table
 
@@ -105,6 +107,7 @@ def aws(env) -> Iterator[None]:
         create_cache_table(dynamodb, TEST_ENV["CACHE_TABLE"])
         create_ledger_table(dynamodb, TEST_ENV["LEDGER_TABLE"])
         create_api_keys_table(dynamodb, TEST_ENV["API_KEYS_TABLE"])
+        create_state_table(dynamodb, TEST_ENV["STATE_TABLE"])
         yield
         from embedsvc.container import reset_settings
 

@@ -392,3 +392,104 @@ def test_the_handler_accepts_records_without_sqs_attributes(worker, sim):
     }
     assert lambda_handler(event, LocalLambdaContext("worker")) == {"batchItemFailures": []}
     assert stored(worker, "note_te3s", "a") is not None
+
+
+class ShortLivedContext(LocalLambdaContext):
+    """A Lambda invocation with only `seconds` left before its timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__("worker")
+        self._ends_at = __import__("time").monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._ends_at - __import__("time").monotonic()) * 1000)
+
+
+def test_a_batch_with_too_little_time_left_is_returned_without_calling_the_provider(worker, sim):
+    import time
+
+    from functions.embed_worker.app import SAFETY_SECONDS, lambda_handler
+
+    event = load_event("embed_worker/batch_ok.json")
+    started = time.monotonic()
+    answer = lambda_handler(event, ShortLivedContext(SAFETY_SECONDS + 2.0))  # 2 s < a provider call's 5 s
+    assert time.monotonic() - started < 2.0
+    assert len(answer["batchItemFailures"]) == len(event["Records"])
+    assert sim.calls == 0
+
+
+def test_a_rate_limit_wait_never_runs_past_the_deadline(worker, sim):
+    import time
+
+    from embedsvc.services.ratelimit import Lane
+
+    router = worker.router()
+    limit = router.limit_for("sim", "text-embedding-3-small")
+    spent = worker.ledger().budgeted(limit)
+    worker.ledger().acquire(limit, spent.tpm, Lane.BULK, max_wait_seconds=0)  # the window is full for 60 s
+    started = time.monotonic()
+    outcome = worker.indexer().process(incoming(message("a")), deadline=started + 8.0)
+    assert time.monotonic() - started < 4.0  # it may wait 8 - 5 s at most, and knows at once it cannot fit
+    assert outcome.retry == ["m0"] and sim.calls == 0
+
+
+def test_a_slow_provider_call_is_cut_at_the_deadline(worker, sim, monkeypatch):
+    import time
+
+    monkeypatch.setattr(worker.router(), "min_call_seconds", 0.5)
+    worker.settings().registry.providers["sim"].timeout_seconds = 30.0  # the provider's own timeout is long
+    sim.inject(Fault(delay_seconds=6.0))
+    started = time.monotonic()
+    outcome = worker.indexer().process(incoming(message("a")), deadline=started + 1.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0  # cut at the deadline, not after the provider's 30 s
+    assert outcome.retry == ["m0"]
+
+
+def test_a_redelivered_batch_does_not_dead_letter_a_message_twice(worker, sim):
+    batch = incoming(message("a"), "not json")
+    first = worker.indexer().process(batch)
+    second = worker.indexer().process(batch)  # e.g. the Lambda timed out after the first try
+    assert "m1" in first.dead_lettered and "m1" in second.dead_lettered  # acknowledged both times
+    assert second.retry == []
+    assert len(dlq_messages(worker)) == 1  # but sent once
+
+
+def test_a_crash_after_dead_lettering_redelivers_the_batch_and_sends_nothing_twice(worker, sim, monkeypatch):
+    import time
+
+    from embedsvc.adapters.aws import client
+    from embedsvc.local.poller import RETRY_VISIBILITY_SECONDS, SqsPoller
+    from functions.embed_worker.app import lambda_handler
+
+    sqs = client("sqs")
+    queue = sqs.create_queue(QueueName="crash-index", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    for body in (message("a"), "not json"):
+        sqs.send_message(QueueUrl=queue, MessageBody=body)
+    store = worker.vector_store()
+    real_upsert = store.upsert
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("Task timed out after 120.00 seconds")  # what a killed invocation looks like
+
+    monkeypatch.setattr(store, "upsert", crash)
+    poller = SqsPoller(sqs, queue, lambda_handler, batch_size=10, window_seconds=0)
+    assert poller.poll_once() == 2  # dead-letters the poison, then dies: the whole batch comes back
+    monkeypatch.setattr(store, "upsert", real_upsert)
+    time.sleep(RETRY_VISIBILITY_SECONDS + 0.5)  # the failed batch becomes visible again
+    delivered = poller.drain(idle_polls=3, timeout_seconds=20)
+    assert delivered == 2
+    assert stored(worker, "note_te3s", "a") is not None
+    assert len(dlq_messages(worker)) == 1
+
+
+def test_a_delete_replaces_the_vector_so_the_deleted_text_s_embedding_is_gone(worker, sim):
+    from embedsvc.services.indexing import tombstone_vector
+
+    worker.indexer().process(incoming(message("a", "a private thought")))
+    later = (T0 + timedelta(hours=1)).isoformat()
+    worker.indexer().process(incoming(message("a", text=None, delete=True, updated_at=later)))
+    (record,) = worker.vector_store().client.retrieve("note_te3s", [point_id("note", "a")], with_vectors=True)
+    assert record.payload["deleted"] is True
+    assert np.allclose(record.vector, tombstone_vector(1536))
+    assert not np.allclose(record.vector, hash_vector("a private thought", 1536), atol=1e-3)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from embedsvc.errors import InvalidRequest, LedgerUnavailable, ServiceOverloaded
+from embedsvc.errors import InvalidRequest, LedgerMisconfigured, LedgerUnavailable, ServiceOverloaded
 from embedsvc.services.ratelimit import (
     Lane,
     LimitSpec,
@@ -43,23 +43,13 @@ class FakeClock:
 
 
 @pytest.fixture(autouse=True)
-def atomic_moto_items(monkeypatch):
-    """Serialize moto's item operations, as DynamoDB serializes writes to one item.
+def atomic_moto_items():
+    """Real DynamoDB never lets two conditional writes to one item interleave; moto must not either."""
+    from embedsvc.local.moto_atomic import serialize_dynamodb_items
 
-    moto checks a ConditionExpression and applies the update in separate steps without a lock; real
-    DynamoDB never lets two conditional writes interleave, and the ledger's safety rests on that.
-    """
-    from moto.dynamodb.models import DynamoDBBackend
-
-    lock = threading.RLock()
-    for name in ("get_item", "put_item", "update_item", "delete_item"):
-        original = getattr(DynamoDBBackend, name)
-
-        def locked(self, *args, _original=original, **kwargs):
-            with lock:
-                return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(DynamoDBBackend, name, locked)
+    undo = serialize_dynamodb_items()
+    yield
+    undo()
 
 
 @pytest.fixture
@@ -198,6 +188,57 @@ def test_the_computed_wait_is_exactly_when_the_request_fits():
     assert wait_until_fits(slots, now=T0 + 5 + wait - 0.01, **kwargs) > 0
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    skews=st.lists(
+        st.sampled_from([-0.2, -0.1, 0.0, 0.1, 0.2]) | st.floats(-0.2, 0.2), min_size=2, max_size=8
+    ),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 7),
+            st.floats(0.0, 0.5),
+            st.integers(1, 300),
+            st.sampled_from([0.0, 0.1]) | st.floats(0.0, 0.1),
+        ),
+        min_size=1,
+        max_size=120,
+    ),
+)
+def test_a_guard_of_twice_the_skew_plus_the_delay_spread_covers_skewed_clocks_and_late_arrivals(skews, steps):
+    """Callers whose clocks are off by up to +-200 ms decide on their own clock readings; each request
+    reaches the provider 0-100 ms after its grant. With a guard of 2 x 0.2 + 0.1 s, the provider's own
+    window (real arrival times, no guard) never holds more than the limit."""
+    window, tpm, rpm, slots_per_window, guard = 10.0, 1000, 9, 200, 0.5
+    seconds = window / slots_per_window
+    slots: dict[int, list[int]] = {}
+    arrivals: list[tuple[float, int]] = []
+    now = T0  # true time
+    for caller, gap, tokens, delay in steps:
+        now += gap
+        skew = skews[caller % len(skews)]
+        while True:  # the caller sleeps exactly the wait its own clock computes: the budget stays contended
+            wait = wait_until_fits(
+                sorted((s, t, r) for s, (t, r) in slots.items()),
+                now=now + skew,
+                seconds_per_slot=seconds,
+                slots_per_window=slots_per_window,
+                guard_seconds=guard,
+                tokens=tokens,
+                token_cap=tpm,
+                request_cap=rpm,
+            )
+            if wait == 0:
+                break
+            now += wait
+        slot = slots.setdefault(slot_of(now + skew, seconds), [0, 0])
+        slot[0] += tokens
+        slot[1] += 1
+        arrivals.append((now + delay, tokens))
+    most_tokens, most_requests = max_in_any_window(arrivals, window)
+    assert most_tokens <= tpm
+    assert most_requests <= rpm
+
+
 # Calls per grant
 
 
@@ -261,6 +302,77 @@ def test_a_write_that_races_the_read_cannot_over_grant(ddb, clock):
         first.acquire(LIMIT, 800, Lane.BULK, max_wait_seconds=0)
     assert first.stats()["conflicts"] == 1
     assert item(ddb)["tokens_total"]["N"] == "900"
+
+
+# Tenant shares
+
+
+def test_a_tenant_with_half_the_limit_cannot_take_more_and_leaves_the_rest_to_others(ddb, clock):
+    flooder, other = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    taken = 0
+    with pytest.raises(ServiceOverloaded) as capped:
+        while True:
+            flooder.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0, tenant="a", tenant_share=0.5)
+            taken += 100
+    assert taken == 500
+    assert "this tenant's share" in capped.value.message
+    for _ in range(5):  # the other tenant's half is intact
+        assert other.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0, tenant="b", tenant_share=0.5)
+    assert item(ddb)["tokens_total"]["N"] == "1000"
+    assert item(ddb, f"{LIMIT.key}#tenant#a")["tokens_total"]["N"] == "500"
+
+
+def test_a_tenant_grant_refused_by_the_provider_budget_leaves_the_tenant_item_untouched(ddb, clock):
+    ledger_for(ddb, clock).acquire(LIMIT, 950, Lane.REALTIME, max_wait_seconds=0)  # shared content, no tenant
+    tenant = ledger_for(ddb, clock)
+    with pytest.raises(ServiceOverloaded):
+        tenant.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0, tenant="a", tenant_share=0.5)
+    assert item(ddb, f"{LIMIT.key}#tenant#a") == {}  # the transaction wrote neither item
+
+
+def test_a_tenant_reservation_is_reconciled_in_both_items(ddb, clock):
+    ledger = ledger_for(ddb, clock)
+    reservation = ledger.acquire(LIMIT, 300, Lane.BULK, max_wait_seconds=0, tenant="a", tenant_share=0.5)
+    ledger.reconcile(reservation, 120)
+    assert item(ddb)["tokens_total"]["N"] == "120"
+    assert item(ddb, f"{LIMIT.key}#tenant#a")["tokens_total"]["N"] == "120"
+
+
+def test_one_flooding_tenant_is_held_to_its_share_while_another_is_served(ddb):
+    limit = LimitSpec(key="sim:tenants", tpm=1000, rpm=40, window_seconds=1.0)
+    grants: dict[str, list[tuple[float, int]]] = {"flood": [], "steady": []}
+    refused = {"flood": 0, "steady": 0}
+    lock = threading.Lock()
+    deadline = time.time() + 3.0
+
+    def work(tenant: str, tokens: int, pause: float) -> None:
+        ledger = RateLimitLedger(TABLE, ddb, slots_per_window=10)
+        while time.time() < deadline:
+            try:
+                reservation = ledger.acquire(
+                    limit, tokens, Lane.REALTIME, max_wait_seconds=0.5, tenant=tenant, tenant_share=0.5
+                )
+            except ServiceOverloaded:
+                with lock:
+                    refused[tenant] += 1
+                continue
+            with lock:
+                grants[tenant].append((reservation.granted_at, tokens))
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=work, args=("flood", 120, 0.0)) for _ in range(6)]
+    threads.append(threading.Thread(target=work, args=("steady", 50, 0.25)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    window = limit.window_seconds + 0.1  # the ledger's guard
+    flood_tokens, _ = max_in_any_window(grants["flood"], window)
+    all_tokens, _ = max_in_any_window(grants["flood"] + grants["steady"], window)
+    assert refused["flood"] > 0  # it really flooded
+    assert flood_tokens <= 500  # held to its half
+    assert all_tokens <= limit.tpm
+    assert refused["steady"] == 0 and len(grants["steady"]) >= 8  # never starved
 
 
 # Reconcile
@@ -426,46 +538,119 @@ def test_a_request_larger_than_the_budget_is_rejected_outright(ddb, clock):
 # DynamoDB failures
 
 
+def refused(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "refused"}}, "UpdateItem")
+
+
+class Recorder:
+    """An OpsMetrics stand-in: what the ledger counted, by name and dimensions."""
+
+    def __init__(self):
+        self.counts: list[tuple[str, dict]] = []
+
+    def count(self, name: str, value: float = 1, **dimensions: str) -> None:
+        self.counts.append((name, dimensions))
+
+
+@pytest.mark.parametrize("lane", list(Lane))
 @pytest.mark.parametrize("error", [throttled(), unreachable()], ids=["throughput-exceeded", "no-endpoint"])
-def test_bulk_raises_ledger_unavailable_when_dynamodb_fails(ddb, clock, error):
-    ledger = ledger_for(ClientProxy(ddb, error), clock)
+def test_a_transient_failure_sheds_every_lane_by_default(ddb, clock, error, lane):
+    metrics = Recorder()
+    ledger = ledger_for(ClientProxy(ddb, error), clock, metrics=metrics)
     with pytest.raises(LedgerUnavailable) as unavailable:
-        ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=60)
-    assert unavailable.value.retryable
+        ledger.acquire(LIMIT, 100, lane, max_wait_seconds=60)
+    assert unavailable.value.retryable and unavailable.value.status == 503
+    assert unavailable.value.retry_after == 1.0  # the API's Retry-After
+    assert ledger.stats()["shed"] == 1 and ledger.stats()["fallback_grants"] == 0
+    assert metrics.counts == [("LedgerErrors", {"kind": "transient"})]
 
 
-@pytest.mark.parametrize("error", [throttled(), unreachable()], ids=["throughput-exceeded", "no-endpoint"])
-def test_realtime_falls_back_to_a_fraction_of_the_limit_when_dynamodb_fails(ddb, clock, error):
-    ledger = ledger_for(ClientProxy(ddb, error), clock)
-    granted = [ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0) for _ in range(2)]
+@pytest.mark.parametrize(
+    "code", ["AccessDeniedException", "ResourceNotFoundException", "ValidationException", "SomethingNew"]
+)
+@pytest.mark.parametrize("lane", list(Lane))
+def test_an_error_waiting_cannot_fix_fails_closed_naming_the_table(ddb, clock, code, lane, caplog):
+    metrics = Recorder()
+    ledger = ledger_for(
+        ClientProxy(ddb, refused(code)), clock, metrics=metrics, fallback_share=0.2, fallback_processes=2
+    )
+    clock.sleep(LIMIT.window_seconds * 2)  # old enough to use the fallback, which must not happen here
+    with pytest.raises(LedgerMisconfigured) as misconfigured:
+        ledger.acquire(LIMIT, 100, lane, max_wait_seconds=60)
+    assert misconfigured.value.status == 503
+    assert TABLE in misconfigured.value.message and code in misconfigured.value.message
+    assert ledger.stats()["fallback_grants"] == 0
+    assert metrics.counts == [("LedgerErrors", {"kind": "misconfigured"})]
+    assert any(r.levelname == "ERROR" and "failing closed" in r.getMessage() for r in caplog.records)
+
+
+def fallback_ledger(ddb, clock, *, failures: int = 10**9, **kwargs) -> RateLimitLedger:
+    """An API process of a deployment keeping 20% for the fallback, with 2 API processes at most."""
+    ledger = ledger_for(
+        ClientProxy(ddb, throttled(), failures=failures),
+        clock,
+        fallback_share=0.2,
+        fallback_processes=2,
+        **kwargs,
+    )
+    clock.sleep(LIMIT.window_seconds + 1)  # older than a window: it may grant from memory
+    return ledger
+
+
+def test_with_a_fallback_share_dynamodb_grants_only_the_rest_of_the_limit(ddb, clock):
+    ledger = ledger_for(ddb, clock, fallback_share=0.2, fallback_processes=2)
+    granted = 0
+    with pytest.raises(ServiceOverloaded):
+        while True:
+            ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
+            granted += 100
+    assert granted == 800  # 0.8 x 1000: the 200 kept back cover the processes' in-memory grants
+
+
+def test_realtime_falls_back_to_its_share_of_the_kept_back_budget(ddb, clock):
+    metrics = Recorder()
+    ledger = fallback_ledger(ddb, clock, metrics=metrics)
+    # 0.2 x 1000 tokens / 2 processes = 100 tokens; 0.2 x 100 requests / 2 = 10 requests, per window.
+    granted = [ledger.acquire(LIMIT, 50, Lane.REALTIME, max_wait_seconds=0) for _ in range(2)]
     assert all(r.fallback for r in granted)
-    with pytest.raises(ServiceOverloaded) as refused:
-        ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)  # 300 > 0.25 x 1000
-    assert refused.value.retry_after == pytest.approx(LIMIT.window_seconds, abs=0.01)
-    later = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=120)
+    with pytest.raises(ServiceOverloaded) as over:
+        ledger.acquire(LIMIT, 1, Lane.REALTIME, max_wait_seconds=0)
+    assert over.value.retry_after == pytest.approx(LIMIT.window_seconds + ledger.guard_seconds, abs=0.01)
+    later = ledger.acquire(LIMIT, 50, Lane.REALTIME, max_wait_seconds=120)
     assert later.fallback and later.waited_seconds >= LIMIT.window_seconds
     assert ledger.stats()["fallback_grants"] == 3
+    assert metrics.counts.count(("LedgerFallbackGrants", {"kind": "grant"})) == 3
+    with pytest.raises(LedgerUnavailable):  # bulk never grants from memory
+        ledger.acquire(LIMIT, 1, Lane.BULK, max_wait_seconds=0)
+
+
+def test_a_process_younger_than_a_window_sheds_instead_of_granting_from_memory(ddb, clock):
+    young = ledger_for(ClientProxy(ddb, throttled()), clock, fallback_share=0.2, fallback_processes=2)
+    clock.sleep(LIMIT.window_seconds / 2)
+    with pytest.raises(LedgerUnavailable):
+        young.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=0)
+    clock.sleep(LIMIT.window_seconds)
+    assert young.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=0).fallback
 
 
 def test_fallback_counts_reconciled_usage(ddb, clock):
-    ledger = ledger_for(ClientProxy(ddb, throttled()), clock)
-    reservation = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
-    ledger.reconcile(reservation, 250)
+    ledger = fallback_ledger(ddb, clock)
+    reservation = ledger.acquire(LIMIT, 40, Lane.REALTIME, max_wait_seconds=0)
+    ledger.reconcile(reservation, 100)
     with pytest.raises(ServiceOverloaded):
         ledger.acquire(LIMIT, 1, Lane.REALTIME, max_wait_seconds=0)
 
 
 def test_fallback_honours_a_throttle_this_process_saw(ddb, clock):
-    ledger = ledger_for(ClientProxy(ddb, unreachable()), clock)
+    ledger = fallback_ledger(ddb, clock)
     ledger.report_throttle(LIMIT, 20)  # the write fails; the process still remembers
-    with pytest.raises(ServiceOverloaded) as refused:
+    with pytest.raises(ServiceOverloaded) as over:
         ledger.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=5)
-    assert refused.value.retry_after == pytest.approx(20, abs=0.01)
+    assert over.value.retry_after == pytest.approx(20, abs=0.01)
 
 
 def test_realtime_returns_to_dynamodb_on_the_next_call(ddb, clock):
-    proxy = ClientProxy(ddb, throttled(), failures=1)
-    ledger = ledger_for(proxy, clock)
+    ledger = fallback_ledger(ddb, clock, failures=1)
     assert ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0).fallback
     back = ledger.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0)
     assert not back.fallback

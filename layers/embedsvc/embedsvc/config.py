@@ -36,8 +36,9 @@ class ProviderSpec(BaseModel):
     api_key_secret: str | None = None
     api_key_env: str | None = None
     timeout_seconds: float = 30.0
-    tpm: int = Field(default=1_000_000, gt=0, description="tokens per minute this provider grants us")
-    rpm: int = Field(default=3_000, gt=0, description="requests per minute this provider grants us")
+    tpm: int = Field(default=1_000_000, gt=0, description="tokens per window this provider grants us")
+    rpm: int = Field(default=3_000, gt=0, description="requests per window this provider grants us")
+    window_seconds: float = Field(default=60.0, gt=0, description="the window tpm and rpm count over")
     # How long the ledger keeps counting a grant after the provider's window has passed it: at least the
     # clock skew between callers plus the spread of grant-to-provider delivery times (a cold TLS handshake
     # to an internet API alone takes 100-300 ms). None: 2 s for HTTP providers, 0 for the in-process model.
@@ -251,11 +252,13 @@ class Settings(BaseSettings):
     # How long a caller may wait for rate-limit budget before the service sheds it (API: 429; worker: retry).
     realtime_max_wait_seconds: float = Field(default=5.0, ge=0)
     bulk_max_wait_seconds: float = Field(default=60.0, ge=0)
-    # When DynamoDB throttles or fails: 0 sheds realtime callers with 503 + Retry-After (the provider is never
-    # called unmetered). A share f > 0 keeps f x limit out of DynamoDB's grants and lets each of at most
-    # `api_max_processes` API processes grant f x limit / api_max_processes from memory (see ratelimit.py).
+    # When DynamoDB throttles or fails, callers are shed with 503 + Retry-After: the provider is never called
+    # unmetered. A share f > 0 keeps f x limit out of DynamoDB's grants in every process, and lets each of at
+    # most `ledger_fallback_processes` API processes (ApiFunction's reserved concurrency) grant
+    # f x limit / processes from memory instead of shedding (see services/ratelimit.py). Set the share on
+    # every function and the process count only on the API.
     ledger_fallback_share: float = Field(default=0.0, ge=0, le=0.5)
-    api_max_processes: int = Field(default=0, ge=0)  # ApiFunction's reserved concurrency
+    ledger_fallback_processes: int = Field(default=0, ge=0)
     # Per-tenant share of every provider limit ({"tenant-a": 0.5, "default": 0.25}); empty: no tenant caps.
     tenant_shares: dict[str, float] = Field(default_factory=dict)
     # Cost centers callers may name (X-Cost-Source, a message's `source`): a CloudWatch dimension, so the
@@ -304,11 +307,6 @@ class Settings(BaseSettings):
             for key in keys:
                 if key not in self.registry.models:
                     raise ValueError(f"CONTENT_MODELS: {content_type} names unknown model {key!r}")
-        if self.ledger_fallback_share > 0 and self.api_max_processes < 1:
-            raise ValueError(
-                "LEDGER_FALLBACK_SHARE > 0 needs API_MAX_PROCESSES (the API function's reserved concurrency): "
-                "without a bound on processes, in-memory grants have no bound either"
-            )
         return self
 
     @classmethod

@@ -61,7 +61,14 @@ def ledger():
         from embedsvc.services.ratelimit import RateLimitLedger
 
         s = settings()
-        return RateLimitLedger(s.ledger_table, client("dynamodb", fast=True), bulk_ceiling=s.bulk_ceiling)
+        return RateLimitLedger(
+            s.ledger_table,
+            client("dynamodb", fast=True),
+            bulk_ceiling=s.bulk_ceiling,
+            fallback_share=s.ledger_fallback_share,
+            fallback_processes=s.ledger_fallback_processes,
+            metrics=ops_metrics(),
+        )
 
     return _get("ledger", build)
 
@@ -75,6 +82,18 @@ def cache():
         return EmbeddingCache(s.cache_table, client("dynamodb", fast=True), ttl_seconds=s.cache_ttl_seconds)
 
     return _get("cache", build)
+
+
+def ops_metrics():
+    """Operational metrics (EMF): ledger errors and fallback grants, dead letters; same sink as costs."""
+
+    def build():
+        from embedsvc.observability import OpsMetrics
+
+        # Through the current cost recorder, so a sink swapped in later (local stack, tests) gets these too.
+        return OpsMetrics(namespace=settings().metrics_namespace, sink=lambda blob: costs().sink(blob))
+
+    return _get("ops_metrics", build)
 
 
 def costs():
@@ -112,7 +131,14 @@ def embedding_service():
         s = settings()
         waits = {Lane.REALTIME: s.realtime_max_wait_seconds, Lane.BULK: s.bulk_max_wait_seconds}
         return EmbeddingService(
-            s.registry, router(), cache(), costs(), max_wait_seconds=waits, bulk_ceiling=s.bulk_ceiling
+            s.registry,
+            router(),
+            cache(),
+            costs(),
+            max_wait_seconds=waits,
+            bulk_ceiling=s.bulk_ceiling,
+            ledger_share=1.0 - s.ledger_fallback_share,
+            tenant_share=s.tenant_share,
         )
 
     return _get("embedding_service", build)
@@ -157,11 +183,13 @@ def vector_store():
 def indexer():
     def build():
         from embedsvc.adapters.aws import client
-        from embedsvc.services.indexing import Indexer, sqs_dead_letter
+        from embedsvc.adapters.dead_letters import DeadLetterMarks, DeadLetterQueue
+        from embedsvc.services.indexing import Indexer
 
         s = settings()
+        marks = DeadLetterMarks(s.state_table, client("dynamodb"))
         return Indexer(
-            s, embedding_service(), vector_store(), sqs_dead_letter(s.index_dlq_url, client("sqs"))
+            s, embedding_service(), vector_store(), DeadLetterQueue(s.index_dlq_url, client("sqs"), marks)
         )
 
     return _get("indexer", build)

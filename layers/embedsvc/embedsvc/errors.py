@@ -96,6 +96,12 @@ class AllProvidersFailed(TransientError):
     code = "all_providers_failed"
 
 
+class DeadlineExceeded(TransientError):
+    """Not enough of the invocation's time is left to wait for budget and call the provider: retry later."""
+
+    code = "deadline_exceeded"
+
+
 class LedgerUnavailable(TransientError):
     """DynamoDB throttled or did not answer: the provider is not called unmetered; retry shortly."""
 

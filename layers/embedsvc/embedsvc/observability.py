@@ -6,8 +6,10 @@ EMF properties, searchable with Logs Insights without multiplying metric costs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,3 +86,34 @@ class CostRecorder:
         """What this process has spent, by (source, model): for the CLI, the demo and benchmarks."""
         with self._lock:
             return {key: CostTotals(t.requests, t.tokens, t.cost_usd) for key, t in self._totals.items()}
+
+
+class OpsMetrics:
+    """Operational counters as CloudWatch EMF (ledger errors, fallback grants, dead letters), one record each.
+
+    Written by hand rather than through Powertools: these carry only the dimensions named here (an alarm
+    matches a metric by its exact dimension set), and are rare enough that one record per event is cheap.
+    """
+
+    def __init__(self, namespace: str = "EmbeddingService", sink: Callable[[dict], None] = print_emf):
+        self.namespace = namespace
+        self.sink = sink
+
+    def count(self, name: str, value: float = 1, **dimensions: str) -> None:
+        """Emit `value` of the Count metric `name` with exactly these dimensions."""
+        blob: dict = {
+            "_aws": {
+                "Timestamp": int(time.time() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": self.namespace,
+                        "Dimensions": [sorted(dimensions)],
+                        "Metrics": [{"Name": name, "Unit": "Count"}],
+                    }
+                ],
+            },
+            name: value,
+            **dimensions,
+        }
+        with contextlib.suppress(Exception):  # a metric must never fail the call it describes
+            self.sink(blob)

@@ -77,6 +77,7 @@ class ProviderSimulator:
         api_key: str | None = None,
         dimensions: dict[str, int] | None = None,
         vector_fn: Callable[[str, int], np.ndarray] = hash_vector,
+        token_counter: Callable[[str, str], int] = sim_tokens,
         port: int = 0,
     ):
         self.tpm, self.rpm, self.window = tpm, rpm, window_seconds
@@ -84,6 +85,9 @@ class ProviderSimulator:
         self.api_key = api_key
         self.dimensions = {**DEFAULT_DIMENSIONS, **(dimensions or {})}
         self.vector_fn = vector_fn
+        # (model, text) -> the tokens this provider counts and bills; a provider may count differently
+        # from the service's estimate, which is what the ledger's reconcile is for.
+        self.token_counter = token_counter
         self.faults: deque[Fault] = deque()
         self.records: list[RequestRecord] = []
         self._accepted: deque[tuple[float, int]] = deque()  # (time, tokens) inside the window
@@ -196,7 +200,7 @@ class ProviderSimulator:
                     return
                 if isinstance(inputs, str):
                     inputs = [inputs]
-                tokens = sum(sim_tokens(model, text) for text in inputs)
+                tokens = sum(sim.token_counter(model, text) for text in inputs if isinstance(text, str))
                 now = time.time()
                 fault = sim.faults.popleft() if sim.faults else None
                 if fault and fault.delay_seconds:

@@ -38,6 +38,7 @@ def local_environment(moto_url: str, workdir: Path, *, qdrant_in_memory: bool = 
         "CACHE_TABLE": "embedsvc-local-cache",
         "LEDGER_TABLE": "embedsvc-local-ratelimit",
         "API_KEYS_TABLE": "embedsvc-local-api-keys",
+        "STATE_TABLE": "embedsvc-local-state",
         "QDRANT_PATH": "" if qdrant_in_memory else str(workdir / "qdrant"),
         "POWERTOOLS_SERVICE_NAME": "embedsvc",
         "POWERTOOLS_TRACE_DISABLED": "true",
@@ -52,6 +53,7 @@ def bootstrap(api_key: str) -> dict[str, str]:
     from embedsvc import container
     from embedsvc.adapters.aws import client
     from embedsvc.adapters.cache import create_cache_table
+    from embedsvc.adapters.dead_letters import create_state_table
     from embedsvc.services.auth import create_api_keys_table
     from embedsvc.services.ratelimit import create_ledger_table
 
@@ -60,6 +62,7 @@ def bootstrap(api_key: str) -> dict[str, str]:
     create_cache_table(dynamodb, settings.cache_table)
     create_ledger_table(dynamodb, settings.ledger_table)
     create_api_keys_table(dynamodb, settings.api_keys_table)
+    create_state_table(dynamodb, settings.state_table)
     dlq_url = sqs.create_queue(QueueName="embedsvc-local-index-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
@@ -112,6 +115,9 @@ class LocalStack:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+        from embedsvc.local.moto_atomic import serialize_dynamodb_items
+
+        serialize_dynamodb_items()  # the API and the worker share the ledger item from several threads
 
         from embedsvc.container import reset_settings
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,20 +39,38 @@ class EmbeddingService:
         *,
         max_wait_seconds: dict[Lane, float] | None = None,
         bulk_ceiling: float = 1.0,
+        ledger_share: float = 1.0,
+        tenant_share: Callable[[str | None], float | None] | None = None,
     ):
         self.bulk_ceiling = bulk_ceiling
+        # The share of each provider limit the ledger grants from DynamoDB (less any fallback reserve).
+        self.ledger_share = ledger_share
+        # A tenant's share of every provider limit, or None when that tenant is not capped.
+        self.tenant_share = tenant_share or (lambda tenant: None)
         self.max_wait_seconds = max_wait_seconds or DEFAULT_MAX_WAIT_SECONDS
         self.registry = registry
         self.router = router
         self.cache = cache
         self.costs = costs
 
-    def request_limits(self, model: ModelSpec, lane: Lane) -> RequestLimits:
+    def request_limits(
+        self, model: ModelSpec, lane: Lane, tenant_share: float | None = None
+    ) -> RequestLimits:
         """Per-request limits: the model's, and never more tokens than its tightest endpoint's budget allows."""
-        # A request bigger than a provider's whole TPM (or, for bulk, its share of it) could never be granted.
-        share = 1.0 if lane is Lane.REALTIME else self.bulk_ceiling
-        budget = min(self.registry.providers[e.provider].tpm for e in model.endpoints)
-        max_tokens = max(1, min(model.max_tokens_per_request, int(budget * share)))
+        # A request whose reservation exceeds what the ledger may grant of a provider's TPM (for bulk, its
+        # ceiling; for a capped tenant, its share) could never be granted: the same arithmetic as the ledger's.
+        tpm = min(self.registry.providers[e.provider].tpm for e in model.endpoints)
+        granted_by_dynamodb = math.floor(self.ledger_share * tpm)
+        cap = (
+            granted_by_dynamodb
+            if lane is Lane.REALTIME
+            else math.floor(self.bulk_ceiling * granted_by_dynamodb)
+        )
+        if tenant_share is not None:
+            cap = min(cap, math.floor(tenant_share * granted_by_dynamodb))
+        # An estimate reserves its margin too: floor(cap / margin) x margin never exceeds the cap.
+        grantable = math.floor(cap / model.token_estimate_margin) if model.tokenizer == "estimate" else cap
+        max_tokens = max(1, min(model.max_tokens_per_request, grantable))
         return RequestLimits(model.max_inputs_per_request, max_tokens, model.max_input_tokens)
 
     def resolve_dimensions(self, model: ModelSpec, dimensions: int | None) -> int:
@@ -156,6 +176,7 @@ class EmbeddingService:
         use_cache: bool = True,
         stop_on_error: bool = False,
         isolate_rejections: bool = True,
+        deadline: float | None = None,
     ) -> EmbedResult:
         """Vectors for as many texts as possible: a failed provider request fails only its own inputs.
 
@@ -164,7 +185,9 @@ class EmbeddingService:
         over-long inputs by their head (indexing) instead of rejecting them (the API). `use_cache`
         off skips the shared cache entirely (bulk indexing, where the collection's hash is the cache).
         `stop_on_error` raises at the first failed request; `isolate_rejections` bisects a request the
-        provider refused, so only the inputs it refuses fail.
+        provider refused, so only the inputs it refuses fail. `deadline` (time.monotonic) bounds every wait
+        and provider call (the worker's Lambda end). With tenant shares configured, each provider request
+        carries one tenant's inputs only, so the ledger can hold each tenant to its share.
         """
         from embedsvc.adapters.cache import cache_key
 
@@ -189,12 +212,14 @@ class EmbeddingService:
         for index, key in enumerate(keys):
             if key not in found and key not in missing:
                 missing[key] = index
-        miss_indices = list(missing.values())
-        chunks = split_requests([tokens[i] for i in miss_indices], self.request_limits(spec, lane))
+        by_tenant: dict[str | None, list[int]] = {}
+        for index in missing.values():
+            tenant = contexts[index].tenant_id
+            by_tenant.setdefault(tenant if self.tenant_share(tenant) is not None else None, []).append(index)
         fresh: dict[str, np.ndarray] = {}
         failed: dict[str, EmbedServiceError] = {}
 
-        def embed_positions(positions: list[int]) -> None:
+        def embed_positions(positions: list[int], tenant: str | None, share: float | None) -> None:
             try:
                 routed = self.router.embed(
                     spec,
@@ -203,13 +228,16 @@ class EmbeddingService:
                     lane=lane,
                     max_wait_seconds=self.max_wait_seconds[lane],
                     dimensions=dims if dims != spec.dimensions else None,
+                    deadline=deadline,
+                    tenant=tenant if share is not None else None,
+                    tenant_share=share,
                 )
             except ProviderRejected as exc:
                 if isolate_rejections and len(positions) > 1:
                     # One bad input must not sink the others: halve until the rejected ones stand alone.
                     half = len(positions) // 2
-                    embed_positions(positions[:half])
-                    embed_positions(positions[half:])
+                    embed_positions(positions[:half], tenant, share)
+                    embed_positions(positions[half:], tenant, share)
                     return
                 failed.update({keys[p]: exc for p in positions})
                 return
@@ -225,10 +253,13 @@ class EmbeddingService:
             if use_cache:
                 self.cache.put_many(chunk_vectors)
 
-        for chunk in chunks:
-            embed_positions([miss_indices[i] for i in chunk.indices])
-            if failed and stop_on_error:
-                raise next(iter(failed.values()))  # all-or-nothing callers: no more provider calls
+        for tenant, positions in by_tenant.items():
+            share = self.tenant_share(tenant)
+            limits = self.request_limits(spec, lane, share)
+            for chunk in split_requests([tokens[i] for i in positions], limits):
+                embed_positions([positions[i] for i in chunk.indices], tenant, share)
+                if failed and stop_on_error:
+                    raise next(iter(failed.values()))  # all-or-nothing callers: no more provider calls
         vectors = np.zeros((len(texts), dims), dtype=np.float32)
         errors: dict[int, EmbedServiceError] = {}
         for index, key in enumerate(keys):

@@ -210,7 +210,7 @@ class Indexer:
             by_collection[unit.collection].append(unit)
         to_embed: dict[tuple[str, Lane], list[_Unit]] = defaultdict(list)
         refresh: dict[str, list[_Unit]] = defaultdict(list)
-        tombstones: dict[str, list[tuple[_Unit, bool]]] = defaultdict(list)
+        tombstones: dict[str, list[_Unit]] = defaultdict(list)
         for collection, members in by_collection.items():
             model = self.settings.registry.models[members[0].model_key]
             try:
@@ -227,7 +227,7 @@ class Indexer:
                 elif unit.message.delete:
                     # A tombstone, not a removal: it remembers the delete's version, so an older
                     # update delivered late cannot bring the content back.
-                    tombstones[collection].append((unit, existing is not None))
+                    tombstones[collection].append(unit)
                 elif existing and existing.get("content_hash") == content_hash(unit.message.text or ""):
                     if stored_version == unit.updated_at_ms and self._same_payload(existing, unit):
                         outcome.unchanged += 1
@@ -260,6 +260,7 @@ class Indexer:
                     lane=lane,
                     truncate=True,
                     use_cache=self.settings.worker_use_cache,
+                    deadline=deadline,
                 )
             except EmbedServiceError as exc:
                 target = failed if exc.retryable else permanent
@@ -275,6 +276,9 @@ class Indexer:
                 )
         for collection, points in ready.items():
             by_point = {u.point_id: u.message_id for u in by_collection[collection]}
+            if deadline is not None and time.monotonic() >= deadline:
+                failed.update({by_point[p.id]: "out of time before the vector write" for p in points})
+                continue
             try:
                 self.vectors.upsert(collection, points)
                 outcome.indexed += len(points)
@@ -287,19 +291,17 @@ class Indexer:
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in members})
         for collection, entries in tombstones.items():
-            dimensions = self.settings.registry.models[entries[0][0].model_key].dimensions
+            dimensions = self.settings.registry.models[entries[0].model_key].dimensions
             try:
-                existing_points = {u.point_id: self._tombstone(u) for u, exists in entries if exists}
-                new_points = [
-                    Point(u.point_id, tombstone_vector(dimensions), self._tombstone(u))
-                    for u, exists in entries
-                    if not exists
-                ]
-                self.vectors.set_payloads(collection, existing_points, replace=True)
-                self.vectors.upsert(collection, new_points)
+                # The whole point is replaced, vector included: a tombstone must not keep the embedding of
+                # content its owner deleted.
+                self.vectors.upsert(
+                    collection,
+                    [Point(u.point_id, tombstone_vector(dimensions), self._tombstone(u)) for u in entries],
+                )
                 outcome.deleted += len(entries)
             except EmbedServiceError as exc:
-                failed.update({u.message_id: exc.message for u, _ in entries})
+                failed.update({u.message_id: exc.message for u in entries})
 
     def _payload(self, unit: _Unit) -> dict:
         return {
@@ -333,36 +335,3 @@ class Indexer:
             and existing.get("metadata") == unit.message.metadata
             and not existing.get("deleted")
         )
-
-
-def sqs_dead_letter(queue_url: str | None, sqs_client) -> Callable[[list[tuple[Incoming, str]]], list[str]]:
-    """A DLQ sender: the original body, with the reason and origin as message attributes."""
-
-    def send(items: list[tuple[Incoming, str]]) -> list[str]:
-        if not queue_url:
-            logger.error("no INDEX_DLQ_URL configured; poison messages will be retried until redrive")
-            return [incoming.message_id for incoming, _ in items]
-        unsent: list[str] = []
-        for start in range(0, len(items), 10):  # SendMessageBatch takes ten entries
-            chunk = items[start : start + 10]
-            entries = [
-                {
-                    "Id": str(i),
-                    "MessageBody": incoming.body or "<empty>",
-                    "MessageAttributes": {
-                        "failure_reason": {"DataType": "String", "StringValue": reason[:1024]},
-                        "source_message_id": {"DataType": "String", "StringValue": incoming.message_id},
-                        "failed_at": {"DataType": "Number", "StringValue": str(int(time.time()))},
-                    },
-                }
-                for i, (incoming, reason) in enumerate(chunk)
-            ]
-            try:
-                answer = sqs_client.send_message_batch(QueueUrl=queue_url, Entries=entries)
-                unsent += [chunk[int(f["Id"])][0].message_id for f in answer.get("Failed", [])]
-            except Exception as exc:
-                logger.warning("DLQ send failed", extra={"error": repr(exc)})
-                unsent += [incoming.message_id for incoming, _ in chunk]
-        return unsent
-
-    return send

@@ -38,17 +38,37 @@ and a realtime caller that has to wait first writes its demand there. Bulk condi
 atomically, so from that write on, bulk callers in every process leave the room above the ceiling,
 and the slots that leave the window go to the waiting realtime caller.
 
-DynamoDB failure (throttling, errors, timeouts, no endpoint). Bulk raises `LedgerUnavailable`: its SQS
-message is retried later, and the provider is never called unmetered. Realtime falls back to an
-in-process sliding window granting at most `fallback_fraction` x limit per window in this process (it
-also honours any cooldown this process knows of), logs a warning, and tries DynamoDB again on its next
-call. Fallback grants are invisible to other processes: the fraction bounds the overshoot while users
-keep being served. A failed `reconcile` or `report_throttle` is logged and swallowed: the provider call
-already happened, and its 429 backstops any under-count.
+Tenants. With a tenant share configured, a grant must also fit the tenant's own item (`<key>#tenant#<id>`,
+the same sliding window with `share` x limit as its caps). Both conditional updates go in one
+TransactWriteItems, so either both budgets take the grant or neither does; one tenant's burst can spend
+its share and no more. (Two calls per grant then: a consistent BatchGetItem and the transaction.)
 
-Limits: slot times come from each process's clock, so clocks must agree to well within the guard
-(NTP-synchronised Lambda clocks agree to milliseconds); one `LimitSpec` window per key; acquire right
-before the call (a grant that waits long before its request leaves eats into the guard).
+DynamoDB failure. Errors that waiting cannot fix (AccessDenied, ResourceNotFound, ValidationException,
+an unknown code) fail closed: `LedgerMisconfigured` (503) names the table and is logged as an error, in
+every lane, so a broken deployment is loud, never a silent fallback. Transient failures (throttling,
+5xx, timeouts, no endpoint) shed the caller by default: `LedgerUnavailable` (503 + Retry-After; the
+worker's message is redelivered), and the provider is never called unmetered. So the sum of what every
+process grants stays within the limit, whatever fails.
+An operator who prefers serving some users during a DynamoDB outage sets `fallback_share` f and
+`fallback_processes` P (the API function's reserved concurrency). Then DynamoDB only ever grants
+(1 - f) x limit, and a realtime caller in an API process grants from memory at most f x limit / P per
+window plus guard. Such grants are made only by a process older than one window plus guard, so every
+fallback grant inside a window comes from processes that were all alive when it began: with Lambda
+running at most P environments of the function at once, they add up to at most f x limit, and
+DynamoDB's grants and the fallback's together stay within the limit.
+Errors and fallback grants are counted as CloudWatch metrics (`LedgerErrors` by kind,
+`LedgerFallbackGrants`), which the template alarms on. A failed `reconcile` or `report_throttle` is
+logged and swallowed: the provider call already happened, and its 429 backstops any under-count.
+
+Guard and estimates. Slot times come from each process's clock and a request reaches the provider some
+time after its grant, so a slot keeps counting for `guard_seconds` after its window: the guard must
+cover twice the clock skew between callers plus the spread of grant-to-arrival delays (per provider,
+`ProviderSpec.guard_seconds`, 2 s for HTTP providers by default). The window counted is therefore
+W + one slot + guard, and the provider's continuous window of W never sees more than the limit. The
+guarantee holds for the tokens reserved: a caller whose estimate can undercount (the `estimate`
+tokenizer) reserves the estimate times a margin (`ModelSpec.token_estimate_margin`), and reconcile
+refunds what the provider did not count. One `LimitSpec` window per key; acquire right before the
+call (a grant that waits long before its request leaves eats into the guard).
 """
 
 from __future__ import annotations
@@ -59,14 +79,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from embedsvc.errors import InvalidRequest, LedgerUnavailable, ServiceOverloaded
+from embedsvc.errors import InvalidRequest, LedgerMisconfigured, LedgerUnavailable, ServiceOverloaded
 
 logger = Logger(child=True)
 
@@ -79,6 +99,33 @@ _MAX_SLEEP_SECONDS = 5.0
 _EPSILON_SECONDS = 0.001  # wake just past a slot boundary, never just before it
 _FALLBACK_RETRY_AFTER_SECONDS = 1.0
 _CONFLICTS_BEFORE_BACKOFF = 10
+# DynamoDB error codes that waiting can fix; any other error fails closed (LedgerMisconfigured).
+_TRANSIENT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "TransactionConflictException",
+        "TransactionInProgressException",
+        "ExpiredTokenException",
+    }
+)
+# A cancelled transaction's per-item reasons that waiting can fix ("None": the item was fine).
+_TRANSIENT_TRANSACTION_REASONS = frozenset(
+    {
+        "None",
+        "TransactionConflict",
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "RequestLimitExceeded",
+    }
+)
+# CloudWatch metrics (EMF) the ledger emits; the template's alarms and dashboard name them.
+LEDGER_ERRORS_METRIC = "LedgerErrors"
+LEDGER_FALLBACK_METRIC = "LedgerFallbackGrants"
 
 
 class Lane(StrEnum):
@@ -92,6 +139,7 @@ class LimitSpec:
     tpm: int  # tokens per window
     rpm: int  # requests per window
     window_seconds: float = 60.0
+    guard_seconds: float | None = None  # the provider's guard; None: the ledger's default
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,7 @@ class Reservation:
     waited_seconds: float
     granted_at: float = 0.0
     fallback: bool = False  # granted by the in-process fallback limiter, not recorded in DynamoDB
+    tenant_limit: LimitSpec | None = None  # the tenant's item the grant also went to
 
 
 @dataclass(frozen=True)
@@ -303,7 +352,13 @@ def plan_grant(
 
 
 class _LedgerDown(Exception):
-    """DynamoDB did not answer usefully; carries the original error."""
+    """DynamoDB did not answer usefully; carries the original error and whether waiting can help."""
+
+    def __init__(self, cause: Exception, *, transient: bool, code: str = ""):
+        super().__init__(repr(cause))
+        self.cause = cause
+        self.transient = transient
+        self.code = code
 
 
 class _LocalWindow:
@@ -315,7 +370,7 @@ class _LocalWindow:
     def wait(self, now: float, window: float, tokens: int, token_cap: float, request_cap: float) -> float:
         while self.events and self.events[0][0] <= now - window:
             self.events.popleft()
-        if tokens > token_cap:
+        if tokens > token_cap or request_cap < 1:
             return math.inf
         # Corrections from reconcile arrive out of order: sort before walking the oldest first.
         events = sorted(self.events)
@@ -334,8 +389,20 @@ class _LocalWindow:
         self.events.append((at, tokens, requests))
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """One ledger item a grant must fit in: the provider's own, or one tenant's share of it."""
+
+    limit: LimitSpec
+    shared: bool  # the provider's item: lanes, cooldowns and realtime demand live there
+
+
 def _n(value: float) -> dict[str, str]:
     return {"N": str(value) if isinstance(value, int) else repr(float(value))}
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class RateLimitLedger:
@@ -350,21 +417,28 @@ class RateLimitLedger:
         slots_per_window: int = 60,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        fallback_fraction: float = 0.25,
+        fallback_share: float = 0.0,
+        fallback_processes: int = 0,
         guard_seconds: float = DEFAULT_GUARD_SECONDS,
+        metrics: Any = None,
     ):
         if not 0 < bulk_ceiling <= 1:
             raise ValueError("bulk_ceiling must be in (0, 1]")
         if slots_per_window < 1:
             raise ValueError("slots_per_window must be at least 1")
+        if not 0 <= fallback_share < 1 or fallback_processes < 0:
+            raise ValueError("fallback_share must be in [0, 1) and fallback_processes >= 0")
         self.table_name = table_name
         self._client = client
         self.bulk_ceiling = bulk_ceiling
         self.slots_per_window = slots_per_window
         self.clock = clock
         self.sleep = sleep
-        self.fallback_fraction = fallback_fraction
+        self.fallback_share = fallback_share
+        self.fallback_processes = fallback_processes
         self.guard_seconds = guard_seconds
+        self.metrics = metrics  # an OpsMetrics (EMF) for errors and fallback grants, or None
+        self.started_at = clock()
         self._lock = threading.Lock()
         self._random = random.Random()
         self._hints: dict[str, LedgerState] = {}
@@ -375,6 +449,8 @@ class RateLimitLedger:
                 "dynamodb_calls",
                 "get_item_calls",
                 "update_item_calls",
+                "batch_get_item_calls",
+                "transact_write_items_calls",
                 "grants",
                 "conflicts",
                 "waits",
@@ -386,6 +462,8 @@ class RateLimitLedger:
                 "throttles_reported",
                 "overloaded",
                 "ledger_errors",
+                "misconfigured",
+                "shed",
                 "fallback_grants",
             ),
             0,
@@ -399,7 +477,7 @@ class RateLimitLedger:
                 if self._client is None:
                     from embedsvc.adapters.aws import client
 
-                    # Short timeouts and few retries: a realtime caller would rather fall back than hang.
+                    # Short timeouts and few retries: a caller would rather be shed than hang.
                     self._client = client("dynamodb", fast=True)
         return self._client
 
@@ -412,19 +490,50 @@ class RateLimitLedger:
         with self._lock:
             self._stats[name] += amount
 
-    def _call(self, operation: str, **kwargs) -> dict:
+    def _emit(self, name: str, **dimensions: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(name, **dimensions)
+
+    def guard_for(self, limit: LimitSpec) -> float:
+        """The guard this limit's decisions use: the provider's own, else the ledger's default."""
+        return self.guard_seconds if limit.guard_seconds is None else limit.guard_seconds
+
+    def budgeted(self, limit: LimitSpec) -> LimitSpec:
+        """What DynamoDB may grant of `limit`: all of it, or all but the share kept for in-memory fallback."""
+        if not self.fallback_share:
+            return limit
+        keep = 1.0 - self.fallback_share
+        return replace(limit, tpm=math.floor(keep * limit.tpm), rpm=math.floor(keep * limit.rpm))
+
+    @staticmethod
+    def tenant_limit(limit: LimitSpec, tenant: str, share: float) -> LimitSpec:
+        """A tenant's share of a (budgeted) limit, kept in its own item."""
+        return replace(
+            limit,
+            key=f"{limit.key}#tenant#{tenant}",
+            tpm=max(1, math.floor(share * limit.tpm)),
+            rpm=max(1, math.floor(share * limit.rpm)),
+        )
+
+    def _call(self, operation: str, *, table: bool = True, **kwargs) -> dict:
         self._count("dynamodb_calls")
         self._count(f"{operation}_calls")
+        if table:
+            kwargs["TableName"] = self.table_name
         try:
-            return getattr(self.client, operation)(TableName=self.table_name, **kwargs)
+            return getattr(self.client, operation)(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            code = _error_code(exc)
+            if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
                 raise
             self._count("ledger_errors")
-            raise _LedgerDown(exc) from exc
-        except BotoCoreError as exc:
+            transient = code in _TRANSIENT_CODES
+            self._emit(LEDGER_ERRORS_METRIC, kind="transient" if transient else "misconfigured")
+            raise _LedgerDown(exc, transient=transient, code=code) from exc
+        except BotoCoreError as exc:  # no endpoint, timeouts, connection resets: the network, not us
             self._count("ledger_errors")
-            raise _LedgerDown(exc) from exc
+            self._emit(LEDGER_ERRORS_METRIC, kind="transient")
+            raise _LedgerDown(exc, transient=True) from exc
 
     def _update(self, key: str, **kwargs) -> tuple[LedgerState | None, bool]:
         """A conditional UpdateItem: (the item after it, True), or (the item that failed it, False)."""
@@ -445,11 +554,29 @@ class RateLimitLedger:
         self._remember(key, state)
         return state, True
 
-    def _read(self, key: str) -> LedgerState:
-        response = self._call("get_item", Key={"pk": {"S": key}}, ConsistentRead=True)
-        state = parse_item(response.get("Item"))
-        self._remember(key, state)
-        return state
+    def _read(self, keys: list[str]) -> list[LedgerState]:
+        """Consistent reads of the items: one GetItem, or one BatchGetItem for a grant with a tenant item."""
+        if len(keys) == 1:
+            response = self._call("get_item", Key={"pk": {"S": keys[0]}}, ConsistentRead=True)
+            states = {keys[0]: parse_item(response.get("Item"))}
+        else:
+            found: dict[str, Any] = {}
+            request: dict = {
+                self.table_name: {"Keys": [{"pk": {"S": k}} for k in keys], "ConsistentRead": True}
+            }
+            for _ in range(3):
+                response = self._call("batch_get_item", table=False, RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table_name, []):
+                    found[item["pk"]["S"]] = item
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+            else:
+                raise _LedgerDown(RuntimeError("BatchGetItem left keys unprocessed"), transient=True)
+            states = {key: parse_item(found.get(key)) for key in keys}
+        for key, state in states.items():
+            self._remember(key, state)
+        return [states[key] for key in keys]
 
     def _remember(self, key: str, state: LedgerState | None) -> None:
         with self._lock:
@@ -461,12 +588,13 @@ class RateLimitLedger:
                 self._local_cooldowns[key] = state.cooldown_until
 
     def _expires_at(self, limit: LimitSpec, *times: float) -> dict[str, str]:
-        return _n(math.ceil(max(times) + 2 * limit.window_seconds))
+        return _n(math.ceil(max(times) + 2 * limit.window_seconds + self.guard_for(limit)))
 
-    def _write_grant(
-        self, limit: LimitSpec, state: LedgerState, plan: Plan, tokens: int, lane: Lane, now: float, slot: int
-    ) -> tuple[LedgerState | None, bool]:
-        """The grant (and any removals) in one conditional write; the condition is the budget check."""
+    def _grant_update(
+        self, budget: _Budget, state: LedgerState, plan: Plan, tokens: int, lane: Lane, now: float, slot: int
+    ) -> dict[str, Any]:
+        """The UpdateItem arguments of a grant (and any removals); the condition is the budget check."""
+        limit = budget.limit
         names = {"#tt": "tokens_total", "#tr": "requests_total", "#exp": "expires_at"}
         values: dict[str, dict[str, str]] = {}
         conditions: list[str] = []
@@ -475,17 +603,14 @@ class RateLimitLedger:
         freed_requests = sum(state.slots[s][1] for s in plan.compact)
         granted_tokens, granted_requests = (0, 0) if plan.compact_only else (tokens, 1)
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds)
+        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
         adds = ["#tt :dt", "#tr :dr"]
         values[":dt"] = _n(granted_tokens - freed_tokens)
         values[":dr"] = _n(granted_requests - freed_requests)
         realtime_until = state.realtime_until
         if not plan.compact_only:
             adds += [f"t_{slot} :tokens", f"r_{slot} :one"]
-            values[":tokens"], values[":one"], values[":now"] = _n(tokens), _n(1), _n(now)
-            names["#cd"] = "cooldown_until"
-            names["#rt"] = "realtime_until"
-            conditions.append("(attribute_not_exists(#cd) OR #cd <= :now)")
+            values[":tokens"], values[":one"] = _n(tokens), _n(1)
             values[":max_t"] = _n(limit.tpm - tokens + freed_tokens)
             values[":max_r"] = _n(limit.rpm - 1 + freed_requests)
             conditions.append("(attribute_not_exists(#tt) OR (#tt <= :max_t AND #tr <= :max_r))")
@@ -494,17 +619,22 @@ class RateLimitLedger:
             names["#rb"] = "removed_below"
             values[":oldest"] = _n(oldest)
             conditions.append("(attribute_not_exists(#rb) OR #rb <= :oldest)")
-            if lane is Lane.BULK:
-                values[":bmax_t"] = _n(math.floor(self.bulk_ceiling * limit.tpm) - tokens + freed_tokens)
-                values[":bmax_r"] = _n(math.floor(self.bulk_ceiling * limit.rpm) - 1 + freed_requests)
-                conditions.append(
-                    "(attribute_not_exists(#rt) OR #rt <= :now OR attribute_not_exists(#tt)"
-                    " OR (#tt <= :bmax_t AND #tr <= :bmax_r))"
-                )
-            else:
-                realtime_until = max(realtime_until, now + limit.window_seconds)
-                values[":rt"] = _n(realtime_until)
-                sets.append("#rt = :rt")
+            if budget.shared:
+                names["#cd"] = "cooldown_until"
+                names["#rt"] = "realtime_until"
+                values[":now"] = _n(now)
+                conditions.append("(attribute_not_exists(#cd) OR #cd <= :now)")
+                if lane is Lane.BULK:
+                    values[":bmax_t"] = _n(math.floor(self.bulk_ceiling * limit.tpm) - tokens + freed_tokens)
+                    values[":bmax_r"] = _n(math.floor(self.bulk_ceiling * limit.rpm) - 1 + freed_requests)
+                    conditions.append(
+                        "(attribute_not_exists(#rt) OR #rt <= :now OR attribute_not_exists(#tt)"
+                        " OR (#tt <= :bmax_t AND #tr <= :bmax_r))"
+                    )
+                else:
+                    realtime_until = max(realtime_until, now + limit.window_seconds)
+                    values[":rt"] = _n(realtime_until)
+                    sets.append("#rt = :rt")
         for index, stale in enumerate(plan.compact):
             # Subtract exactly what is removed: the slot must still hold what was read.
             values[f":st{index}"], values[f":sr{index}"] = (
@@ -529,7 +659,54 @@ class RateLimitLedger:
         }
         if conditions:
             kwargs["ConditionExpression"] = " AND ".join(conditions)
-        return self._update(limit.key, **kwargs)
+        return kwargs
+
+    def _write_grants(
+        self,
+        budgets: list[_Budget],
+        states: list[LedgerState],
+        plans: list[Plan],
+        tokens: int,
+        lane: Lane,
+        now: float,
+        slot: int,
+    ) -> tuple[list[LedgerState | None], bool]:
+        """One conditional write over every item the grant must fit: an UpdateItem, or a transaction."""
+        updates = [
+            self._grant_update(budget, state, plan, tokens, lane, now, slot)
+            for budget, state, plan in zip(budgets, states, plans, strict=True)
+        ]
+        if len(budgets) == 1:
+            state, written = self._update(budgets[0].limit.key, **updates[0])
+            return [state], written
+        items = [
+            {
+                "Update": {
+                    "TableName": self.table_name,
+                    "Key": {"pk": {"S": budget.limit.key}},
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    **update,
+                }
+            }
+            for budget, update in zip(budgets, updates, strict=True)
+        ]
+        try:
+            self._call("transact_write_items", table=False, TransactItems=items)
+        except ClientError as exc:
+            reasons = [str(r.get("Code", "None")) for r in exc.response.get("CancellationReasons", [])]
+            if "ConditionalCheckFailed" in reasons:
+                # The reasons carry the items that failed; the others were not read: read them all again.
+                for budget in budgets:
+                    self._remember(budget.limit.key, None)
+                return [None] * len(budgets), False
+            transient = all(code in _TRANSIENT_TRANSACTION_REASONS for code in reasons)
+            self._count("ledger_errors")
+            self._emit(LEDGER_ERRORS_METRIC, kind="transient" if transient else "misconfigured")
+            raise _LedgerDown(exc, transient=transient, code=",".join(reasons)) from exc
+        # A transaction returns no items: the next grant reads them (two calls per grant with tenant shares).
+        for budget in budgets:
+            self._remember(budget.limit.key, None)
+        return [None] * len(budgets), True
 
     def _repair(self, limit: LimitSpec, state: LedgerState) -> LedgerState | None:
         """Set the totals back to the sum of the slots (no write of this module breaks that; a hand edit might)."""
@@ -578,104 +755,194 @@ class RateLimitLedger:
         # Spread waiters that target the same boundary, so most find the slot taken by a read, not a failed write.
         return self._random.uniform(0, min(0.5 * slot_seconds(limit, self.slots_per_window), 0.1))
 
-    def acquire(self, limit: LimitSpec, tokens: int, lane: Lane, *, max_wait_seconds: float) -> Reservation:
-        """Block until `tokens` and one request are reserved; ServiceOverloaded if that takes too long."""
-        self._validate(limit, tokens)
+    def acquire(
+        self,
+        limit: LimitSpec,
+        tokens: int,
+        lane: Lane,
+        *,
+        max_wait_seconds: float,
+        tenant: str | None = None,
+        tenant_share: float | None = None,
+    ) -> Reservation:
+        """Block until `tokens` and one request are reserved; ServiceOverloaded if that takes too long.
+
+        With `tenant` and `tenant_share`, the grant must also fit that tenant's share of the limit, in the
+        same atomic write (a transaction over the provider's item and the tenant's).
+        """
         lane = Lane(lane)
+        provider_limit = limit
+        limit = self.budgeted(limit)
+        self._validate(limit, tokens)
+        budgets = [_Budget(limit, shared=True)]
+        if tenant is not None and tenant_share is not None:
+            budgets.append(_Budget(self.tenant_limit(limit, tenant, tenant_share), shared=False))
+            self._validate(budgets[1].limit, tokens)
         start = self.clock()
-        state = self._hints.get(limit.key)
+        states: list[LedgerState | None] = [self._hints.get(b.limit.key) for b in budgets]
         fresh = False  # a hint may be stale: it can start a write, never a wait
         conflicts = 0
         while True:
             now = self.clock()
             try:
-                if state is None:
-                    state, fresh = self._read(limit.key), True
-                    if not state.consistent():
-                        state = self._repair(limit, state)
+                if any(state is None for state in states):
+                    read = self._read([b.limit.key for b in budgets])
+                    states, fresh = list(read), True
+                    broken = next((i for i, s in enumerate(read) if not s.consistent()), None)
+                    if broken is not None:
+                        self._repair(budgets[broken].limit, read[broken])
+                        states = [None] * len(budgets)
                         continue
-                plan = plan_grant(
-                    state,
-                    limit,
-                    tokens,
-                    lane,
-                    now,
-                    slots_per_window=self.slots_per_window,
-                    bulk_ceiling=self.bulk_ceiling,
-                    guard_seconds=self.guard_seconds,
-                )
-                if plan.compact_only and not plan.compact:
-                    # Totals that no removal can bring under the cap while the slots say it fits.
-                    state = self._repair(limit, state) if fresh else None
-                    continue
-                if plan.wait == 0:
+                known = [s for s in states if s is not None]
+                plans = [
+                    plan_grant(
+                        state,
+                        budget.limit,
+                        tokens,
+                        lane if budget.shared else Lane.REALTIME,
+                        now,
+                        slots_per_window=self.slots_per_window,
+                        bulk_ceiling=self.bulk_ceiling,
+                        guard_seconds=self.guard_for(budget.limit),
+                    )
+                    for budget, state in zip(budgets, known, strict=True)
+                ]
+                wait = max(plan.wait for plan in plans)
+                if wait == 0:
                     slot = slot_of(now, slot_seconds(limit, self.slots_per_window))
-                    new_state, written = self._write_grant(limit, state, plan, tokens, lane, now, slot)
-                    if written and not plan.compact_only:
+                    stuck = next((i for i, p in enumerate(plans) if p.compact_only and not p.compact), None)
+                    if stuck is not None:
+                        # Totals that no removal can bring under the cap while the slots say it fits.
+                        if fresh:
+                            self._repair(budgets[stuck].limit, known[stuck])
+                        states = [None] * len(budgets)
+                        continue
+                    compacting = next((i for i, p in enumerate(plans) if p.compact_only), None)
+                    if compacting is not None:
+                        # The grant cannot fit in one write with the removals: remove first, on that item alone.
+                        update = self._grant_update(
+                            budgets[compacting], known[compacting], plans[compacting], tokens, lane, now, slot
+                        )
+                        new_state, _ = self._update(budgets[compacting].limit.key, **update)
+                        states = list(known)
+                        states[compacting] = new_state
+                        fresh = new_state is not None
+                        continue
+                    new_states, written = self._write_grants(budgets, known, plans, tokens, lane, now, slot)
+                    if written:
                         self._count("grants")
-                        return Reservation(limit, tokens, lane, slot, now - start, granted_at=now)
-                    if not written:
-                        # The failed condition handed back the item as it is now: decide again on it.
-                        self._count("conflicts")
-                        conflicts += 1
-                        if conflicts % _CONFLICTS_BEFORE_BACKOFF == 0:
-                            self.sleep(self._jitter(limit))
-                    state, fresh = new_state, new_state is not None
+                        return Reservation(
+                            provider_limit,
+                            tokens,
+                            lane,
+                            slot,
+                            now - start,
+                            granted_at=now,
+                            tenant_limit=budgets[1].limit if len(budgets) > 1 else None,
+                        )
+                    # The failed condition handed back the item as it is now: decide again on it.
+                    self._count("conflicts")
+                    conflicts += 1
+                    if conflicts % _CONFLICTS_BEFORE_BACKOFF == 0:
+                        self.sleep(self._jitter(limit))
+                    states = new_states
+                    fresh = all(s is not None for s in new_states)
                     continue
                 if not fresh:
-                    state = None
+                    states = [None] * len(budgets)
                     continue
                 elapsed = now - start
-                if elapsed + plan.wait > max_wait_seconds:
-                    if lane is Lane.REALTIME and math.isfinite(plan.wait):
-                        self._mark_demand(limit, state, now + min(plan.wait, limit.window_seconds), now)
+                if elapsed + wait > max_wait_seconds:
+                    if lane is Lane.REALTIME and math.isfinite(plans[0].wait) and plans[0].wait > 0:
+                        self._mark_demand(
+                            limit, known[0], now + min(plans[0].wait, limit.window_seconds), now
+                        )
                     self._count("overloaded")
+                    binding = budgets[max(range(len(plans)), key=lambda i: plans[i].wait)].limit
+                    whose = "this tenant's share of " if binding is not limit else ""
                     raise ServiceOverloaded(
-                        f"the rate limit of {limit.key} is spent for {plan.wait:.2f}s, longer than the "
+                        f"{whose}the rate limit of {limit.key} is spent for {wait:.2f}s, longer than the "
                         f"{max_wait_seconds:g}s this caller may wait",
-                        retry_after=plan.wait if math.isfinite(plan.wait) else limit.window_seconds,
+                        retry_after=wait if math.isfinite(wait) else limit.window_seconds,
                     )
-                pause = min(plan.wait, _MAX_SLEEP_SECONDS, limit.window_seconds / 4) + self._jitter(limit)
-                if lane is Lane.REALTIME:
+                pause = min(wait, _MAX_SLEEP_SECONDS, limit.window_seconds / 4) + self._jitter(limit)
+                if lane is Lane.REALTIME and plans[0].wait > 0:
                     margin = max(2 * slot_seconds(limit, self.slots_per_window), 0.2)
-                    self._mark_demand(limit, state, now + pause + margin, now)
+                    self._mark_demand(limit, known[0], now + pause + margin, now)
             except _LedgerDown as exc:
-                if lane is Lane.BULK:
-                    raise LedgerUnavailable(
-                        f"the rate-limit ledger is unavailable ({exc.__cause__!r}); retry later",
-                        retry_after=_FALLBACK_RETRY_AFTER_SECONDS,
-                    ) from exc
-                return self._acquire_fallback(limit, tokens, start, max_wait_seconds, exc)
+                return self._when_ledger_down(provider_limit, tokens, lane, start, max_wait_seconds, exc)
             self._count("waits")
             self._count("wait_seconds", pause)
             self.sleep(pause)
-            state = None
+            states = [None] * len(budgets)
+
+    def _when_ledger_down(
+        self,
+        limit: LimitSpec,
+        tokens: int,
+        lane: Lane,
+        start: float,
+        max_wait_seconds: float,
+        exc: _LedgerDown,
+    ) -> Reservation:
+        """Fail closed on a misconfiguration; on a transient failure shed, or grant from this process's share."""
+        if not exc.transient:
+            self._count("misconfigured")
+            logger.error(
+                "rate-limit ledger table refused the request; failing closed",
+                extra={"table": self.table_name, "code": exc.code, "error": repr(exc.cause)},
+            )
+            raise LedgerMisconfigured(
+                f"the rate-limit ledger table '{self.table_name}' refused the request ({exc.code or 'error'}): "
+                "check that the table exists in this region and that this function may read and update it",
+                retry_after=_FALLBACK_RETRY_AFTER_SECONDS,
+            ) from exc
+        if lane is Lane.REALTIME and self.fallback_processes > 0 and self.fallback_share > 0:
+            return self._acquire_fallback(limit, tokens, start, max_wait_seconds, exc)
+        self._count("shed")
+        logger.warning(
+            "rate-limit ledger unavailable; shedding the request rather than calling the provider unmetered",
+            extra={"limit_key": limit.key, "lane": lane.value, "error": repr(exc.cause)},
+        )
+        raise LedgerUnavailable(
+            f"the rate-limit ledger is unavailable ({exc.code or type(exc.cause).__name__}); retry shortly",
+            retry_after=_FALLBACK_RETRY_AFTER_SECONDS,
+        ) from exc
 
     def _acquire_fallback(
-        self, limit: LimitSpec, tokens: int, start: float, max_wait_seconds: float, error: Exception
+        self, limit: LimitSpec, tokens: int, start: float, max_wait_seconds: float, error: _LedgerDown
     ) -> Reservation:
-        """Grant from this process's conservative share while DynamoDB is unreachable."""
+        """Grant from this process's share of the kept-back fallback budget while DynamoDB is unreachable."""
+        now = self.clock()
+        window = limit.window_seconds + self.guard_for(limit)
+        if now - self.started_at < window:
+            # A process younger than a window might replace one that granted from memory in that window
+            # (a recycled Lambda environment): only processes older than a window may grant, so that every
+            # fallback grant in a window comes from processes alive at its start, at most `fallback_processes`.
+            self._count("shed")
+            raise LedgerUnavailable(
+                "the rate-limit ledger is unavailable and this process is too new to grant from memory; "
+                "retry shortly",
+                retry_after=_FALLBACK_RETRY_AFTER_SECONDS,
+            ) from error
         logger.warning(
             "rate-limit ledger unavailable; realtime caller uses the in-process fallback limiter",
-            extra={
-                "limit_key": limit.key,
-                "error": repr(error.__cause__),
-                "fraction": self.fallback_fraction,
-            },
+            extra={"limit_key": limit.key, "error": repr(error.cause), "share": self.fallback_share},
         )
-        token_cap = self.fallback_fraction * limit.tpm
-        request_cap = max(1.0, math.floor(self.fallback_fraction * limit.rpm))
+        token_cap = self.fallback_share * limit.tpm / self.fallback_processes
+        request_cap = math.floor(self.fallback_share * limit.rpm / self.fallback_processes)
         while True:
             now = self.clock()
             with self._lock:
-                window = self._local.setdefault(limit.key, _LocalWindow())
-                wait = window.wait(now, limit.window_seconds, tokens, token_cap, request_cap)
+                local = self._local.setdefault(limit.key, _LocalWindow())
+                wait = local.wait(now, window, tokens, token_cap, request_cap)
                 wait = max(wait, self._local_cooldowns.get(limit.key, 0.0) - now)
                 if wait == 0:
-                    window.add(now, tokens, 1)
+                    local.add(now, tokens, 1)
                     self._stats["fallback_grants"] += 1
                     self._stats["grants"] += 1
                     slot = slot_of(now, slot_seconds(limit, self.slots_per_window))
+                    self._emit(LEDGER_FALLBACK_METRIC, kind="grant")
                     return Reservation(limit, tokens, Lane.REALTIME, slot, now - start, now, fallback=True)
             if now - start + wait > max_wait_seconds:
                 self._count("overloaded")
@@ -694,18 +961,24 @@ class RateLimitLedger:
         delta = int(actual_tokens) - reservation.tokens
         if delta == 0:
             return
-        limit = reservation.limit
         if reservation.fallback:
             with self._lock:
-                self._local.setdefault(limit.key, _LocalWindow()).add(reservation.granted_at, delta, 0)
+                self._local.setdefault(reservation.limit.key, _LocalWindow()).add(
+                    reservation.granted_at, delta, 0
+                )
             return
+        self._reconcile_item(self.budgeted(reservation.limit), reservation.slot, delta)
+        if reservation.tenant_limit is not None:
+            self._reconcile_item(reservation.tenant_limit, reservation.slot, delta)
+
+    def _reconcile_item(self, limit: LimitSpec, reserved_slot: int, delta: int) -> None:
         now = self.clock()
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_seconds)
+        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
         # Close to leaving the window, the slot may be removed under us: extra usage then goes to the
         # current slot (counted longer, safe), and a refund is dropped (the estimate stands, safe).
-        if reservation.slot >= oldest + 2:
-            slot = reservation.slot
+        if reserved_slot >= oldest + 2:
+            slot = reserved_slot
         elif delta > 0:
             slot = slot_of(now, seconds_per_slot)
         else:
@@ -730,7 +1003,7 @@ class RateLimitLedger:
         except _LedgerDown as exc:
             logger.warning(
                 "could not reconcile a reservation; the estimate stands until its slot expires",
-                extra={"limit_key": limit.key, "delta": delta, "error": repr(exc.__cause__)},
+                extra={"limit_key": limit.key, "delta": delta, "error": repr(exc.cause)},
             )
 
     def report_throttle(self, limit: LimitSpec, retry_after_seconds: float) -> None:
@@ -754,7 +1027,7 @@ class RateLimitLedger:
                 extra={
                     "limit_key": limit.key,
                     "retry_after": retry_after_seconds,
-                    "error": repr(exc.__cause__),
+                    "error": repr(exc.cause),
                 },
             )
 
@@ -765,7 +1038,16 @@ class NoopLedger:
     def __init__(self) -> None:
         self._grants = 0
 
-    def acquire(self, limit: LimitSpec, tokens: int, lane: Lane, *, max_wait_seconds: float) -> Reservation:
+    def acquire(
+        self,
+        limit: LimitSpec,
+        tokens: int,
+        lane: Lane,
+        *,
+        max_wait_seconds: float,
+        tenant: str | None = None,
+        tenant_share: float | None = None,
+    ) -> Reservation:
         """Grant at once."""
         self._grants += 1
         return Reservation(limit, tokens, Lane(lane), 0, 0.0, granted_at=time.time())

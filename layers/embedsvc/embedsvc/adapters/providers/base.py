@@ -17,6 +17,13 @@ class ProviderResult:
 class EmbeddingProvider(Protocol):
     key: str
 
-    def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
-        """Embed `texts` with `model_name`; raise ProviderError subclasses on failure."""
+    def embed(
+        self,
+        texts: list[str],
+        model_name: str,
+        *,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+    ) -> ProviderResult:
+        """Embed `texts` with `model_name` within `timeout` seconds (if given); raise ProviderError subclasses."""
         ...

@@ -65,7 +65,16 @@ class LocalModelProvider:
         self.spec = spec
         self._encode_lock = threading.Lock()
 
-    def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
+    def embed(
+        self,
+        texts: list[str],
+        model_name: str,
+        *,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+    ) -> ProviderResult:
+        # `timeout` is not enforced: an encode in this process cannot be interrupted, and the caller checks its
+        # deadline before starting one (a batch takes seconds, not the minutes a remote call may hang).
         if model_name not in self.SERVED:
             raise ProviderError(f"local provider does not serve {model_name!r}")
         try:

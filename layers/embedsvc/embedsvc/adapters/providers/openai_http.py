@@ -12,7 +12,16 @@ import numpy as np
 
 from embedsvc.adapters.providers.base import ProviderResult
 from embedsvc.config import ProviderSpec
-from embedsvc.errors import ConfigError, ProviderError, ProviderRateLimited, ProviderRejected, ProviderTimeout
+from embedsvc.errors import (
+    ProviderError,
+    ProviderNotConfigured,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+)
+
+# Secrets Manager answers that mean "there is no key for us", as opposed to "not right now".
+_SECRET_ABSENT = ("ResourceNotFoundException", "AccessDeniedException", "DecryptionFailure")
 
 
 def parse_retry_after(headers) -> float | None:
@@ -53,11 +62,28 @@ class OpenAIHttpProvider:
             try:
                 return get_secret(self.spec.api_key_secret)
             except Exception as exc:
-                raise ConfigError(
-                    f"provider {self.key}: cannot read secret {self.spec.api_key_secret}: {exc!r}"
+                cause = exc.__cause__ or exc.__context__ or exc  # Powertools wraps the ClientError
+                code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+                if code in _SECRET_ABSENT:
+                    raise ProviderNotConfigured(self._how_to_configure(code)) from None
+                raise ProviderError(
+                    f"provider {self.key}: cannot read its API key secret right now ({code or type(cause).__name__})"
                 ) from exc
         # Self-hosted servers often need no key; the SDK insists on a non-empty one.
         return "none"
+
+    def _how_to_configure(self, code: str) -> str:
+        ways = []
+        if self.spec.api_key_env:
+            ways.append(
+                f"set {self.spec.api_key_env} in the environment (e.g. `{self.spec.api_key_env}=sk-... make serve`)"
+            )
+        ways.append(f"store the key in the Secrets Manager secret '{self.spec.api_key_secret}'")
+        ways.append(
+            "or point the model at a self-hosted OpenAI-compatible server in the registry "
+            "(EMBEDSVC_REGISTRY_FILE; see the README's Configuration)"
+        )
+        return f"provider '{self.key}' has no API key (secret: {code}): " + ", ".join(ways)
 
     def client(self):
         with self._lock:
@@ -78,10 +104,19 @@ class OpenAIHttpProvider:
         """Create the SDK client (imports, key lookup) ahead of the first call."""
         self.client()
 
-    def embed(self, texts: list[str], model_name: str, *, dimensions: int | None = None) -> ProviderResult:
+    def embed(
+        self,
+        texts: list[str],
+        model_name: str,
+        *,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+    ) -> ProviderResult:
         import openai
 
-        kwargs = {"dimensions": dimensions} if dimensions else {}
+        kwargs: dict[str, Any] = {"dimensions": dimensions} if dimensions else {}
+        if timeout is not None:
+            kwargs["timeout"] = min(timeout, self.spec.timeout_seconds)  # never past the caller's deadline
         try:
             # No encoding_format: the SDK asks for base64 (a third of the bytes) and decodes it itself.
             response = self.client().embeddings.create(input=texts, model=model_name, **kwargs)
@@ -93,7 +128,8 @@ class OpenAIHttpProvider:
                 f"{self.key} answered 429: {exc.message}", retry_after=parse_retry_after(exc.response.headers)
             ) from exc
         except openai.APITimeoutError as exc:
-            raise ProviderTimeout(f"{self.key} timed out after {self.spec.timeout_seconds}s") from exc
+            seconds = kwargs.get("timeout", self.spec.timeout_seconds)
+            raise ProviderTimeout(f"{self.key} timed out after {seconds:.1f}s") from exc
         except openai.APIConnectionError as exc:
             raise ProviderError(f"{self.key} is unreachable: {exc}") from exc
         except openai.APIStatusError as exc:
