@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import traceback
 
 from aws_lambda_powertools import Logger, Tracer
@@ -34,6 +35,8 @@ from embedsvc.models.api import (
     ModelList,
 )
 
+# Stop waiting for budget or a provider this long before the function's timeout, to answer in time.
+ANSWER_SECONDS = 1.0
 logger = Logger()
 tracer = Tracer()
 app = APIGatewayRestResolver(enable_validation=True)
@@ -67,6 +70,7 @@ def _error(description: str) -> OpenAPIResponse:
 def create_embeddings(request: EmbeddingRequest):
     """Embed the inputs; the body is serialised here (fast for large vectors), its schema is in `responses`."""
     context = principal_context(app.current_event, container.settings().cost_sources)
+    remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
     result = container.embedding_service().embed(
         request.inputs(),
         request.model,
@@ -74,6 +78,7 @@ def create_embeddings(request: EmbeddingRequest):
         dimensions=request.dimensions,
         encoding_format=request.encoding_format,
         max_total_tokens=MAX_TOTAL_TOKENS,
+        deadline=time.monotonic() + remaining - ANSWER_SECONDS,
     )
     return embeddings_response(result, request.encoding_format)
 
@@ -136,6 +141,6 @@ def handle_not_found(_exc: Exception) -> Response:
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)  # answers hold vectors: never into traces
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     return app.resolve(event, context)

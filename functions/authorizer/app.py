@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event import (
     APIGatewayAuthorizerResponse,
     APIGatewayAuthorizerTokenEvent,
@@ -13,9 +13,11 @@ from embedsvc import container
 from embedsvc.errors import Unauthorized
 
 logger = Logger()
+tracer = Tracer()
 
 
 @logger.inject_lambda_context
+@tracer.capture_lambda_handler(capture_response=False)  # the policy names the principal: keep it out
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     token_event = APIGatewayAuthorizerTokenEvent(event)
     arn = token_event.parsed_arn

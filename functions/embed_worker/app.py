@@ -23,7 +23,7 @@ tracer = Tracer()
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     batch = [
         Incoming(record.message_id, record.body or "", _int_or_none(record.attributes.get("SentTimestamp")))

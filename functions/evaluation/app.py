@@ -27,7 +27,7 @@ tracer = Tracer()
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
 def lambda_handler(event: Any, context: LambdaContext) -> dict:
     request = EvaluationRequest.parse(event)
     outcome = evaluate_request(request)

@@ -122,12 +122,14 @@ class EmbeddingService:
         truncate: bool = False,
         encoding_format: EncodingFormat | None = None,
         max_total_tokens: int | None = None,
+        deadline: float | None = None,
     ) -> EmbedResult:
         """Vectors for every input, or the first failure raised (the API's all-or-nothing contract).
 
         `inputs` are texts or arrays of cl100k_base token ids (decoded to text for every model). The API
         passes `encoding_format`, so the answer must fit one Lambda response, and `max_total_tokens`,
         OpenAI's per-request cap; like every other limit they are checked before the cache or a provider.
+        `deadline` (time.monotonic) bounds every wait and provider call, as in `embed_partial`.
         """
         from embedsvc.services import api_limits
         from embedsvc.services.token_inputs import decode_token_inputs, is_token_inputs
@@ -157,6 +159,7 @@ class EmbeddingService:
             truncate=truncate,
             stop_on_error=True,
             isolate_rejections=False,
+            deadline=deadline,
         )
         if result.errors:
             raise next(iter(result.errors.values()))
