@@ -54,6 +54,59 @@ def moto_environment(extra: dict[str, str] | None = None):
         reset_settings()
 
 
+def _serve_moto(conn) -> None:
+    """moto in its own process: DynamoDB's work happens off the measured process, as on AWS."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from embedsvc.local.moto_atomic import serialize_dynamodb_items
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    serialize_dynamodb_items()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    conn.send(f"http://{host}:{port}")
+    conn.recv()
+    server.stop()
+
+
+@contextmanager
+def moto_server_environment(extra: dict[str, str] | None = None):
+    """A moto server in another process with the service's tables, and the package pointed at it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_serve_moto, args=(child,), daemon=True)
+    process.start()
+    endpoint = parent.recv()
+    os.environ.update(BENCH_ENV)
+    os.environ.update(extra or {})
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    from embedsvc.container import reset_settings
+
+    reset_settings()
+    try:
+        from embedsvc.adapters.aws import client
+        from embedsvc.adapters.cache import create_cache_table
+        from embedsvc.services.ratelimit import create_ledger_table
+
+        create_cache_table(client("dynamodb"), BENCH_ENV["CACHE_TABLE"])
+        create_ledger_table(client("dynamodb"), BENCH_ENV["LEDGER_TABLE"])
+        from embedsvc import container
+        from embedsvc.observability import CostRecorder
+
+        container.put("costs", CostRecorder(sink=lambda blob: None))  # EMF lines would flood stdout
+        yield container
+    finally:
+        reset_settings()
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+        parent.send("stop")
+        process.join(timeout=10)
+
+
 def api_call(body: dict) -> dict:
     """One request through the real API handler (as API Gateway would invoke it)."""
     from embedsvc.local.gateway import rest_event

@@ -37,6 +37,7 @@ from embedsvc.models.api import (
 
 # Stop waiting for budget or a provider this long before the function's timeout, to answer in time.
 ANSWER_SECONDS = 1.0
+CACHE_FLUSH_SECONDS = 2.0
 logger = Logger()
 tracer = Tracer()
 app = APIGatewayRestResolver(enable_validation=True)
@@ -80,7 +81,11 @@ def create_embeddings(request: EmbeddingRequest):
         max_total_tokens=MAX_TOTAL_TOKENS,
         deadline=time.monotonic() + remaining - ANSWER_SECONDS,
     )
-    return embeddings_response(result, request.encoding_format)
+    response = embeddings_response(result, request.encoding_format)  # while the cache writes run
+    # Lambda freezes the process once it answers: cache writes still pending would stall until the next
+    # invocation, or be lost. They are cheap to wait for, and a miss later costs a provider call.
+    container.cache().flush(timeout=CACHE_FLUSH_SECONDS)
+    return response
 
 
 @app.get(

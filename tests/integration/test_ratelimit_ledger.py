@@ -11,7 +11,14 @@ from moto.server import ThreadedMotoServer
 
 from embedsvc.errors import ServiceOverloaded
 from embedsvc.local.provider_sim import Fault, ProviderSimulator
-from embedsvc.services.ratelimit import Lane, LimitSpec, RateLimitLedger, create_ledger_table
+from embedsvc.services.ratelimit import (
+    Lane,
+    LimitSpec,
+    RateLimitLedger,
+    create_ledger_table,
+    item_key,
+    parse_item,
+)
 from embedsvc.services.tokens import estimate_tokens
 
 TABLE = "ratelimit-integration"
@@ -76,8 +83,8 @@ def test_reconcile_replaces_the_estimate_with_the_providers_usage(endpoint, prov
     ledger.reconcile(reservation, response.usage.prompt_tokens)
 
     assert response.usage.prompt_tokens > estimate
-    stored = dynamodb(endpoint).get_item(TableName=TABLE, Key={"pk": {"S": limit.key}}, ConsistentRead=True)[
+    stored = dynamodb(endpoint).get_item(TableName=TABLE, Key=item_key(limit.key), ConsistentRead=True)[
         "Item"
     ]
     assert int(stored["tokens_total"]["N"]) == response.usage.prompt_tokens == provider.records[-1].tokens
-    assert int(stored[f"t_{reservation.slot}"]["N"]) == response.usage.prompt_tokens
+    assert parse_item(stored).slots[reservation.slot][0] == response.usage.prompt_tokens

@@ -229,7 +229,7 @@ def run_processes(endpoint: str, **plan_fields) -> tuple[list, list[dict]]:
     """Start eight processes against a fresh table and simulator; returns (provider records, reports)."""
     import boto3
 
-    from embedsvc.services.ratelimit import create_ledger_table
+    from embedsvc.services.ratelimit import create_ledger_table, item_key
 
     client = boto3.client(
         "dynamodb",
@@ -239,7 +239,7 @@ def run_processes(endpoint: str, **plan_fields) -> tuple[list, list[dict]]:
         aws_secret_access_key="x",
     )
     create_ledger_table(client, TABLE)
-    client.delete_item(TableName=TABLE, Key={"pk": {"S": f"sim:{MODEL}"}})
+    client.delete_item(TableName=TABLE, Key=item_key(f"sim:{MODEL}"))
     with ProviderSimulator(
         tpm=TPM, rpm=RPM, window_seconds=WINDOW, dimensions={MODEL: 8}, token_counter=miscount
     ) as sim:

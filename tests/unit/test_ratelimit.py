@@ -20,6 +20,8 @@ from embedsvc.services.ratelimit import (
     NoopLedger,
     RateLimitLedger,
     create_ledger_table,
+    item_key,
+    parse_item,
     slot_of,
     wait_until_fits,
 )
@@ -71,7 +73,7 @@ def ledger_for(client, clock: FakeClock, **kwargs) -> RateLimitLedger:
 
 
 def item(client, key: str = LIMIT.key) -> dict:
-    return client.get_item(TableName=TABLE, Key={"pk": {"S": key}}, ConsistentRead=True).get("Item", {})
+    return client.get_item(TableName=TABLE, Key=item_key(key), ConsistentRead=True).get("Item", {})
 
 
 def max_in_any_window(events: list[tuple[float, int]], window: float) -> tuple[int, int]:
@@ -408,7 +410,7 @@ def test_late_reconcile_refund_is_dropped_and_late_overuse_lands_in_the_current_
     assert len(proxy.calls) == calls
     ledger.reconcile(reservation, 500)
     current = slot_of(clock(), LIMIT.window_seconds / 60)
-    assert item(ddb)[f"t_{current}"]["N"] == "200"
+    assert parse_item(item(ddb)).slots[current][0] == 200
 
 
 # Cooldowns
@@ -685,10 +687,11 @@ def test_old_slots_are_removed_and_the_item_expires_when_idle(ddb, clock):
         ledger.acquire(LIMIT, 10, Lane.BULK, max_wait_seconds=0)
         clock.sleep(7.0)  # 210 s: several windows' worth of slots
     stored = item(ddb)
-    state_slots = sorted(int(name[2:]) for name in stored if name.startswith("t_"))
+    state = parse_item(stored)
+    state_slots = sorted(state.slots)
     assert len(state_slots) <= 9 + 8  # about 9 grants in the window, fewer than 8 waiting for removal
     assert int(stored["removed_below"]["N"]) > slot_of(T0, 1.0)
-    assert int(stored["tokens_total"]["N"]) == sum(int(stored[f"t_{s}"]["N"]) for s in state_slots)
+    assert int(stored["tokens_total"]["N"]) == sum(tokens for tokens, _ in state.slots.values())
     assert int(stored["expires_at"]["N"]) >= clock() - 7.0 + 2 * LIMIT.window_seconds
 
 
@@ -697,7 +700,7 @@ def test_totals_that_disagree_with_their_slots_are_repaired(ddb, clock):
     ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
     ddb.update_item(
         TableName=TABLE,
-        Key={"pk": {"S": LIMIT.key}},
+        Key=item_key(LIMIT.key),
         UpdateExpression="SET tokens_total = :big",
         ExpressionAttributeValues={":big": {"N": "5000"}},
     )
@@ -714,3 +717,58 @@ def test_noop_ledger_grants_at_once():
     ledger.report_throttle(LIMIT, 30)
     assert reservation.waited_seconds == 0
     assert ledger.stats()["grants"] == 1
+
+
+@given(tokens=st.integers(-(10**12), 10**12), requests=st.integers(0, 10**9 - 1))
+def test_a_packed_slot_gives_back_exactly_its_tokens_and_requests(tokens, requests):
+    from embedsvc.services.ratelimit import pack_slot, unpack_slot
+
+    assert unpack_slot(pack_slot(tokens, requests)) == (tokens, requests)
+    # What ADDs to a packed slot do: the sum of two packed values is the packed sum.
+    assert unpack_slot(pack_slot(tokens, requests) + pack_slot(-tokens, 0)) == (0, requests)
+
+
+# Leases and pacing
+
+
+def test_a_busy_api_process_leases_budget_for_its_next_requests_and_returns_what_it_did_not_use(ddb, clock):
+    limit = LimitSpec(key="sim:lease", tpm=10_000, rpm=1000, window_seconds=60.0, guard_seconds=2.0)
+    proxy = ClientProxy(ddb)
+    api = ledger_for(proxy, clock, lease_seconds=0.5)
+    for _ in range(40):  # 20 requests a second
+        api.acquire(limit, 10, Lane.REALTIME, max_wait_seconds=0)
+        clock.sleep(0.05)
+    writes = proxy.calls.count("update_item")
+    assert api.stats()["lease_grants"] > 20 and writes < 20  # most requests cost no DynamoDB call
+    clock.sleep(5)  # the lease expires; the next request returns its unused part, then leases again
+    api.acquire(limit, 10, Lane.REALTIME, max_wait_seconds=0)
+    other = ledger_for(ddb, clock)
+    state = parse_item(item(ddb, limit.key))
+    assert state.tokens_total <= 41 * 10 + 10 * 16  # at most one lease's unused part is still counted
+    assert other.acquire(limit, 10_000 - state.tokens_total, Lane.REALTIME, max_wait_seconds=0)
+
+
+def test_an_idle_api_process_reserves_exactly_what_it_asks(ddb, clock):
+    limit = LimitSpec(key="sim:idle", tpm=10_000, rpm=1000, window_seconds=60.0, guard_seconds=2.0)
+    api = ledger_for(ddb, clock, lease_seconds=0.5)
+    for _ in range(3):
+        api.acquire(limit, 10, Lane.REALTIME, max_wait_seconds=0)
+        clock.sleep(5)
+    assert api.stats()["leases"] == 0
+    assert parse_item(item(ddb, limit.key)).tokens_total == 30
+
+
+def test_paced_bulk_spreads_a_backlog_over_the_window(ddb, clock):
+    limit = LimitSpec(key="sim:pace", tpm=1200, rpm=1000, window_seconds=60.0, guard_seconds=0.0)
+    worker = ledger_for(ddb, clock, bulk_pace=1.2)
+    grants = [worker.acquire(limit, 100, Lane.BULK, max_wait_seconds=120).granted_at for _ in range(12)]
+    # 1,200 tokens at 1.2 x the average rate take about 50 s, not one instant; no eighth of the window
+    # (7.5 s) holds more than 1.2 x its share (180 tokens: one 100-token grant at a time).
+    assert grants[-1] - grants[0] > 40
+    assert all(b - a > 0 for a, b in zip(grants, grants[1:], strict=False))
+    unpaced = ledger_for(ddb, clock)
+    clock.sleep(200)
+    start = clock()
+    for _ in range(12):
+        unpaced.acquire(LimitSpec("sim:burst", 1200, 1000, 60.0), 100, Lane.BULK, max_wait_seconds=0)
+    assert clock() == start  # without pacing the backlog takes the window at once

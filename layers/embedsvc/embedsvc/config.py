@@ -232,6 +232,9 @@ class Settings(BaseSettings):
     )
     cache_table: str = "embedsvc-cache"
     cache_ttl_seconds: int = 30 * 24 * 3600
+    # Requests of at most this many inputs use the shared (DynamoDB) cache tier; larger ones (embedding jobs)
+    # use the process's memory tier only: storing a vector costs more than embedding it again (EmbeddingService).
+    shared_cache_max_inputs: int = Field(default=16, ge=0)
     ledger_table: str = "embedsvc-ratelimit"
     api_keys_table: str = "embedsvc-api-keys"
     # Small operational records: which messages were dead-lettered (so a redelivered batch does not do it again).
@@ -259,6 +262,13 @@ class Settings(BaseSettings):
     # every function and the process count only on the API.
     ledger_fallback_share: float = Field(default=0.0, ge=0, le=0.5)
     ledger_fallback_processes: int = Field(default=0, ge=0)
+    # A busy API process reserves budget for the requests it expects in this many seconds at once (fewer
+    # writes to the ledger's one hot item); at most a quarter of the provider's guard, which covers it.
+    ledger_lease_seconds: float = Field(default=0.25, ge=0)
+    # Bulk goes at most this much faster than a limit's average rate (over an eighth of a window), so its
+    # backlog never fills a window in one burst that then frees a window later: users arriving after a
+    # bulk-only period wait at most about (1 - 1/pace) x the window for room. None: no pacing.
+    bulk_pace: float | None = Field(default=1.2, ge=1.0)
     # Per-tenant share of every provider limit ({"tenant-a": 0.5, "default": 0.25}); empty: no tenant caps.
     tenant_shares: dict[str, float] = Field(default_factory=dict)
     # Cost centers callers may name (X-Cost-Source, a message's `source`): a CloudWatch dimension, so the

@@ -68,6 +68,8 @@ def ledger():
             fallback_share=s.ledger_fallback_share,
             fallback_processes=s.ledger_fallback_processes,
             metrics=ops_metrics(),
+            lease_seconds=s.ledger_lease_seconds,
+            bulk_pace=s.bulk_pace,
         )
 
     return _get("ledger", build)
@@ -139,6 +141,7 @@ def embedding_service():
             bulk_ceiling=s.bulk_ceiling,
             ledger_share=1.0 - s.ledger_fallback_share,
             tenant_share=s.tenant_share,
+            shared_cache_max_inputs=s.shared_cache_max_inputs,
         )
 
     return _get("embedding_service", build)

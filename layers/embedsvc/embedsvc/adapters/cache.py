@@ -1,9 +1,11 @@
 """The embedding cache: an in-process LRU in front of a DynamoDB table keyed by (model, dims, sha256(text)).
 
 The cache only saves money and time, so its failures are logged and ignored, never raised:
-a request whose cache read fails is simply embedded. For the same reason DynamoDB writes are
-write-behind, on one background thread, off the response's critical path (256 vectors are eleven
-BatchWriteItem calls): a write lost with a frozen or recycled Lambda container costs one future miss.
+a request whose cache read fails is simply embedded. DynamoDB writes start on background threads as
+soon as each provider chunk lands (256 te3s vectors are eleven BatchWriteItem calls, sent in
+parallel) and overlap the answer's serialization; the API waits for them (`flush`) before it answers,
+since a Lambda process is frozen once it has answered and a write left pending would only run, or be
+lost, at its next invocation.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class EmbeddingCache:
         memory_items: int = 20_000,
         clock=time.time,
         write_behind: bool = True,
+        writers: int = 4,
     ):
         self.table_name = table_name
         self.client = client
@@ -55,9 +58,12 @@ class EmbeddingCache:
         self._memory_items = memory_items
         self._lock = threading.Lock()
         self._writer = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") if write_behind else None
+            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cache-writer")
+            if write_behind
+            else None
         )
         self._pending: set[Future] = set()
+        self._reader_pool: ThreadPoolExecutor | None = None
 
     def _remember(self, key: str, vector: np.ndarray) -> None:
         with self._lock:
@@ -66,8 +72,8 @@ class EmbeddingCache:
             while len(self._memory) > self._memory_items:
                 self._memory.popitem(last=False)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Vectors found for `keys` (missing keys are absent from the answer)."""
+    def get_many(self, keys: Sequence[str], *, shared: bool = True) -> dict[str, np.ndarray]:
+        """Vectors found for `keys` in memory, and unless `shared` is off in DynamoDB (missing keys are absent)."""
         found: dict[str, np.ndarray] = {}
         with self._lock:
             for key in keys:
@@ -76,51 +82,66 @@ class EmbeddingCache:
                     self._memory.move_to_end(key)
                     found[key] = vector
         remote = [k for k in dict.fromkeys(keys) if k not in found]
-        if not remote or self.client is None:
+        if not remote or self.client is None or not shared:
             return found
+        chunks = [remote[start : start + BATCH_GET_LIMIT] for start in range(0, len(remote), BATCH_GET_LIMIT)]
+        if len(chunks) == 1:
+            results = [self._read(chunks[0])]
+        else:  # BatchGetItem takes 100 keys: ask for the chunks at once, not one after the other
+            results = list(self._readers().map(self._read, chunks))
+        for chunk_found in results:
+            found.update(chunk_found)
+            for key, vector in chunk_found.items():
+                self._remember(key, vector)
+        return found
+
+    def _readers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._reader_pool is None:
+                self._reader_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache-reader")
+            return self._reader_pool
+
+    def _read(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """One BatchGetItem (with its unprocessed keys retried a few times); failures are misses."""
+        found: dict[str, np.ndarray] = {}
         now = int(self.clock())
+        request: dict = {self.table_name: {"Keys": [{"pk": {"S": k}} for k in keys]}}
         try:
-            for start in range(0, len(remote), BATCH_GET_LIMIT):
-                request = {
-                    self.table_name: {
-                        "Keys": [{"pk": {"S": k}} for k in remote[start : start + BATCH_GET_LIMIT]]
-                    }
-                }
-                for _ in range(5):  # unprocessed keys come back under load: retry a few times, then miss
-                    answer = self.client.batch_get_item(RequestItems=request)
-                    for item in answer.get("Responses", {}).get(self.table_name, []):
-                        if int(item.get("expires_at", {}).get("N", "0")) < now:
-                            continue  # TTL deletion is lazy: an expired item is a miss
-                        vector = np.frombuffer(item["v"]["B"], dtype=np.float32)
-                        found[item["pk"]["S"]] = vector
-                        self._remember(item["pk"]["S"], vector)
-                    request = answer.get("UnprocessedKeys") or {}
-                    if not request:
-                        break
+            for _ in range(5):  # unprocessed keys come back under load: retry a few times, then miss
+                answer = self.client.batch_get_item(RequestItems=request)
+                for item in answer.get("Responses", {}).get(self.table_name, []):
+                    if int(item.get("expires_at", {}).get("N", "0")) < now:
+                        continue  # TTL deletion is lazy: an expired item is a miss
+                    found[item["pk"]["S"]] = np.frombuffer(item["v"]["B"], dtype=np.float32)
+                request = answer.get("UnprocessedKeys") or {}
+                if not request:
+                    break
         except Exception as exc:
             logger.warning("embedding cache read failed; embedding instead", extra={"error": repr(exc)})
         return found
 
-    def put_many(self, entries: dict[str, np.ndarray]) -> None:
-        """Store vectors (float32) with a TTL: in memory now, in DynamoDB behind the response."""
+    def put_many(self, entries: dict[str, np.ndarray], *, shared: bool = True) -> None:
+        """Store vectors (float32): in memory now, and unless `shared` is off in DynamoDB with a TTL."""
         for key, vector in entries.items():
             self._remember(key, vector)
-        if not entries or self.client is None:
+        if not entries or self.client is None or not shared:
             return
         if self._writer is None:
             self._write(entries)
             return
-        future = self._writer.submit(self._write, dict(entries))
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
+        items = list(entries.items())
+        for start in range(0, len(items), BATCH_WRITE_LIMIT):  # one BatchWriteItem per task, in parallel
+            future = self._writer.submit(self._write, dict(items[start : start + BATCH_WRITE_LIMIT]))
+            with self._lock:
+                self._pending.add(future)
+            future.add_done_callback(self._forget)
 
     def _forget(self, future: Future) -> None:
         with self._lock:
             self._pending.discard(future)
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait for write-behind writes (tests, the worker before acknowledging, process shutdown)."""
+        """Wait for pending writes (the API before it answers, tests, process shutdown)."""
         with self._lock:
             pending = list(self._pending)
         wait(pending, timeout=timeout)
@@ -129,6 +150,8 @@ class EmbeddingCache:
         self.flush()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
+        if self._reader_pool is not None:
+            self._reader_pool.shutdown(wait=True)
 
     def _write(self, entries: dict[str, np.ndarray]) -> None:
         expires = str(int(self.clock()) + self.ttl_seconds)

@@ -62,6 +62,7 @@ class RequestRecord:
     inputs: int
     tokens: int
     status: int
+    user: str | None = None  # the request's `user` field: lets a benchmark tell its callers apart
 
 
 class ProviderSimulator:
@@ -200,22 +201,23 @@ class ProviderSimulator:
                     return
                 if isinstance(inputs, str):
                     inputs = [inputs]
+                user = body.get("user") if isinstance(body.get("user"), str) else None
                 tokens = sum(sim.token_counter(model, text) for text in inputs if isinstance(text, str))
                 now = time.time()
                 fault = sim.faults.popleft() if sim.faults else None
                 if fault and fault.delay_seconds:
                     time.sleep(fault.delay_seconds)
                 if fault and fault.status:
-                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, fault.status))
+                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, fault.status, user))
                     self._error(fault.status, fault.message, fault.code, fault.headers)
                     return
                 if any(not isinstance(t, str) or t == "" for t in inputs):
-                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, 400))
+                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, 400, user))
                     self._error(400, "'$.input' is invalid.", "invalid_request")
                     return
                 wait = sim._admit(now, tokens) if (sim.tpm or sim.rpm) else 0.0
                 if wait:
-                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, 429))
+                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, 429, user))
                     headers = {
                         "retry-after": str(math.ceil(wait)),
                         "retry-after-ms": str(math.ceil(wait * 1000)),
@@ -235,7 +237,7 @@ class ProviderSimulator:
                     else:
                         embedding = vector.tolist()
                     data.append({"object": "embedding", "index": index, "embedding": embedding})
-                sim.records.append(RequestRecord(now, model, len(inputs), tokens, 200))
+                sim.records.append(RequestRecord(now, model, len(inputs), tokens, 200, user))
                 self._send(
                     200,
                     {

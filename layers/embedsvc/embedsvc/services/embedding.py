@@ -41,12 +41,18 @@ class EmbeddingService:
         bulk_ceiling: float = 1.0,
         ledger_share: float = 1.0,
         tenant_share: Callable[[str | None], float | None] | None = None,
+        shared_cache_max_inputs: int = 16,
     ):
         self.bulk_ceiling = bulk_ceiling
         # The share of each provider limit the ledger grants from DynamoDB (less any fallback reserve).
         self.ledger_share = ledger_share
         # A tenant's share of every provider limit, or None when that tenant is not capped.
         self.tenant_share = tenant_share or (lambda tenant: None)
+        # Requests with more inputs are embedding jobs: they use the process's memory tier only. A
+        # text-embedding-3-small vector is a 6 KB item: 7 DynamoDB write units (~$8.8e-6 on demand) to store
+        # and 1 read unit (~$2.5e-7) to look up, while embedding a 15-token text again costs $3e-7. The
+        # shared tier pays off for repeated queries (a hit saves a provider round trip), not for batches.
+        self.shared_cache_max_inputs = shared_cache_max_inputs
         self.max_wait_seconds = max_wait_seconds or DEFAULT_MAX_WAIT_SECONDS
         self.registry = registry
         self.router = router
@@ -209,7 +215,8 @@ class EmbeddingService:
                         param="input",
                     )
         keys = [cache_key(spec.key, dims, text, c.tenant_id) for text, c in zip(texts, contexts, strict=True)]
-        found = self.cache.get_many(keys) if use_cache else {}
+        shared = len(texts) <= self.shared_cache_max_inputs
+        found = self.cache.get_many(keys, shared=shared) if use_cache else {}
         # Each distinct missing text is embedded once, even if it repeats in the request.
         missing: dict[str, int] = {}
         for index, key in enumerate(keys):
@@ -254,7 +261,7 @@ class EmbeddingService:
             fresh.update(chunk_vectors)
             # Cache each chunk as it lands, so a failure in a later chunk does not waste this one.
             if use_cache:
-                self.cache.put_many(chunk_vectors)
+                self.cache.put_many(chunk_vectors, shared=shared)
 
         for tenant, positions in by_tenant.items():
             share = self.tenant_share(tenant)

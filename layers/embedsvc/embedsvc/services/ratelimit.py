@@ -1,9 +1,11 @@
 """The shared rate-limit ledger: every caller reserves tokens and a request in DynamoDB before a provider call.
 
-Accounting. One item per limit key (`provider:model`). The window is cut into `slots_per_window` slots;
-a grant at time `now` adds its tokens to `t_<slot>` and one request to `r_<slot>`
-(`slot = floor(now / slot_seconds)`), and the same amounts to the running totals `tokens_total` and
-`requests_total`, which always equal the sum of the slot attributes present. A slot counts until the
+Accounting. One item per limit key (`v2#provider:model`). The window is cut into `slots_per_window`
+slots; a grant at time `now` adds its tokens and one request to the slot's attribute `s_<slot>`
+(`slot = floor(now / slot_seconds)`; both counters packed in one number, tokens x 10^9 + requests, so
+each write touches one attribute per slot and the item stays small: DynamoDB bills a write by the whole
+item's size), and the same amounts to the running totals `tokens_total` and `requests_total`, which
+always equal the sum of the slots present. A slot counts until the
 window, one extra slot and a guard (`guard_seconds`, the spread of grant-to-provider delays) have
 passed it, so every provider window `(T - W, T]` lies inside what a decision counts: the provider
 never sees more than its limit in any window, however many processes share the item.
@@ -36,7 +38,10 @@ stays at or below `bulk_ceiling` x limit whenever users are active, and uses the
 are idle. Users are active while `realtime_until` lies ahead: a realtime grant sets it to now + window,
 and a realtime caller that has to wait first writes its demand there. Bulk conditions test it
 atomically, so from that write on, bulk callers in every process leave the room above the ceiling,
-and the slots that leave the window go to the waiting realtime caller.
+and the slots that leave the window go to the waiting realtime caller. Bulk can also be paced (at most
+`bulk_pace` x the average rate over any eighth of a window), so that a backlog does not take the whole
+window in one burst: the window then frees a little every few slots, and an arriving user waits that
+long, not up to a window.
 
 Tenants. With a tenant share configured, a grant must also fit the tenant's own item (`<key>#tenant#<id>`,
 the same sliding window with `share` x limit as its caps). Both conditional updates go in one
@@ -99,6 +104,16 @@ _MAX_SLEEP_SECONDS = 5.0
 _EPSILON_SECONDS = 0.001  # wake just past a slot boundary, never just before it
 _FALLBACK_RETRY_AFTER_SECONDS = 1.0
 _CONFLICTS_BEFORE_BACKOFF = 10
+# A slot's attribute holds tokens x base + requests (DynamoDB numbers are exact to 38 digits); a slot never
+# holds a billion requests.
+SLOT_REQUESTS_BASE = 1_000_000_000
+# Ledger items are `<KEY_VERSION>#provider:model`: a change of the item's layout takes a new prefix, so code of
+# two layouts never reads each other's items (the old ones expire by TTL).
+KEY_VERSION = "v2"
+# Pacing looks at the last 1/_PACE_SPAN_DIVISOR of a window.
+_PACE_SPAN_DIVISOR = 8
+_MAX_LEASE_REQUESTS = 16
+_MAX_LEASE_SHARE = 0.02  # a lease never holds more than this share of a limit
 # DynamoDB error codes that waiting can fix; any other error fails closed (LedgerMisconfigured).
 _TRANSIENT_CODES = frozenset(
     {
@@ -152,6 +167,17 @@ class Reservation:
     granted_at: float = 0.0
     fallback: bool = False  # granted by the in-process fallback limiter, not recorded in DynamoDB
     tenant_limit: LimitSpec | None = None  # the tenant's item the grant also went to
+    leased: bool = False  # served from this process's lease (a grant made for several requests)
+
+
+@dataclass
+class _Lease:
+    """What is left of a realtime grant made for several requests, usable until `expires_at`."""
+
+    slot: int
+    expires_at: float
+    tokens: int
+    requests: int
 
 
 @dataclass(frozen=True)
@@ -204,29 +230,64 @@ def first_counted_slot(
     return slot_of(now - guard_seconds, seconds_per_slot) - slots_per_window
 
 
+def item_key(limit_key: str) -> dict[str, dict[str, str]]:
+    """The DynamoDB key of a limit's item."""
+    return {"pk": {"S": f"{KEY_VERSION}#{limit_key}"}}
+
+
+def pack_slot(tokens: int, requests: int) -> int:
+    """One slot's counters as one number: a write then touches one attribute per slot, not two."""
+    return tokens * SLOT_REQUESTS_BASE + requests
+
+
+def unpack_slot(value: int) -> tuple[int, int]:
+    """(tokens, requests) of a packed slot; requests are never negative, so the remainder is exact."""
+    requests = value % SLOT_REQUESTS_BASE
+    return (value - requests) // SLOT_REQUESTS_BASE, requests
+
+
+def _slots_of(item: Mapping[str, Any]) -> dict[int, tuple[int, int]]:
+    return {
+        int(name[2:]): unpack_slot(int(value["N"]))
+        for name, value in item.items()
+        if name.startswith("s_") and name[2:].lstrip("-").isdigit()
+    }
+
+
 def parse_item(item: Mapping[str, Any] | None) -> LedgerState:
     """A ledger item in DynamoDB's wire format, as a LedgerState."""
     if not item:
         return LedgerState()
-    tokens: dict[int, int] = {}
-    requests: dict[int, int] = {}
-    for name, value in item.items():
-        if name[:2] in ("t_", "r_") and name[2:].lstrip("-").isdigit():
-            target = tokens if name[0] == "t" else requests
-            target[int(name[2:])] = int(value["N"])
 
     def number(name: str) -> float:
         return float(item[name]["N"]) if name in item else 0.0
 
     return LedgerState(
-        slots={
-            slot: (tokens.get(slot, 0), requests.get(slot, 0)) for slot in tokens.keys() | requests.keys()
-        },
+        slots=_slots_of(item),
         tokens_total=int(number("tokens_total")),
         requests_total=int(number("requests_total")),
         cooldown_until=number("cooldown_until"),
         realtime_until=number("realtime_until"),
         removed_below=int(number("removed_below")),
+        exists=True,
+    )
+
+
+def merge_update(known: LedgerState, attributes: Mapping[str, Any], removed: tuple[int, ...]) -> LedgerState:
+    """`known` after a write that returned `attributes` (UPDATED_NEW) and removed the `removed` slots."""
+    slots = {slot: counts for slot, counts in known.slots.items() if slot not in removed}
+    slots.update(_slots_of(attributes))
+
+    def number(name: str, default: float) -> float:
+        return float(attributes[name]["N"]) if name in attributes else default
+
+    return LedgerState(
+        slots=slots,
+        tokens_total=int(number("tokens_total", known.tokens_total)),
+        requests_total=int(number("requests_total", known.requests_total)),
+        cooldown_until=number("cooldown_until", known.cooldown_until),
+        realtime_until=number("realtime_until", known.realtime_until),
+        removed_below=int(number("removed_below", known.removed_below)),
         exists=True,
     )
 
@@ -241,20 +302,21 @@ def wait_until_fits(
     tokens: int,
     token_cap: float,
     request_cap: float,
+    requests: int = 1,
 ) -> float:
-    """Seconds until `tokens` and one request fit under the caps: 0 if they fit now, inf if never."""
-    if tokens > token_cap or request_cap < 1:
+    """Seconds until `tokens` and `requests` fit under the caps: 0 if they fit now, inf if never."""
+    if tokens > token_cap or request_cap < requests:
         return math.inf
     oldest_counted = first_counted_slot(now, seconds_per_slot, slots_per_window, guard_seconds)
     counted = [(slot, max(t, 0), max(r, 0)) for slot, t, r in slots if slot >= oldest_counted]
     used_tokens = sum(t for _, t, _ in counted)
     used_requests = sum(r for _, _, r in counted)
-    if used_tokens + tokens <= token_cap and used_requests + 1 <= request_cap:
+    if used_tokens + tokens <= token_cap and used_requests + requests <= request_cap:
         return 0.0
     for slot, t, r in counted:
         used_tokens -= t
         used_requests -= r
-        if used_tokens + tokens <= token_cap and used_requests + 1 <= request_cap:
+        if used_tokens + tokens <= token_cap and used_requests + requests <= request_cap:
             leaves_at = (slot + slots_per_window + 1) * seconds_per_slot + guard_seconds
             return max(leaves_at - now, 0.0) + _EPSILON_SECONDS
     return math.inf
@@ -279,6 +341,8 @@ def plan_wait(
     slots_per_window: int,
     bulk_ceiling: float,
     guard_seconds: float = 0.0,
+    requests: int = 1,
+    bulk_pace: float | None = None,
 ) -> float:
     """Seconds this caller must wait before its grant (0: grant now), from one read of the item."""
     seconds_per_slot = slot_seconds(limit, slots_per_window)
@@ -294,6 +358,7 @@ def plan_wait(
             tokens=tokens,
             token_cap=token_cap,
             request_cap=request_cap,
+            requests=requests,
         )
 
     wait = wait_under(limit.tpm, limit.rpm)
@@ -306,7 +371,42 @@ def plan_wait(
         # Users are active: bulk fits under the ceiling, or waits for users to go idle (whichever is first).
         ceiling = wait_under(*lane_caps(limit, lane, state, now, bulk_ceiling))
         wait = min(ceiling, max(wait, state.realtime_until - now))
+    if lane is Lane.BULK and bulk_pace:
+        wait = max(
+            wait, pace_wait(slots, limit, tokens, now, slots_per_window=slots_per_window, pace=bulk_pace)
+        )
     return max(wait, state.cooldown_until - now, 0.0)
+
+
+def pace_wait(
+    slots: list[tuple[int, int, int]],
+    limit: LimitSpec,
+    tokens: int,
+    now: float,
+    *,
+    slots_per_window: int,
+    pace: float,
+) -> float:
+    """Seconds until bulk may take `tokens` without going faster than `pace` x the limit's average rate.
+
+    Without pacing, a bulk backlog takes a whole window's budget in one burst, and the window then frees
+    in bursts a window apart: a user arriving between two bursts waits up to a window for room. Paced,
+    bulk's grants spread over the window, and room frees every few slots. Pacing protects latency, not the
+    limit, so it is decided here, from the read item, and not in the write's condition.
+    """
+    seconds_per_slot = slot_seconds(limit, slots_per_window)
+    span = max(1, slots_per_window // _PACE_SPAN_DIVISOR)  # the recent slots the pace looks at
+    cap = pace * limit.tpm * span / slots_per_window
+    current = slot_of(now, seconds_per_slot)
+    recent = [(slot, t) for slot, t, _ in slots if slot > current - span and t > 0]
+    used = sum(t for _, t in recent)
+    if used + tokens <= cap or not recent:
+        return 0.0  # a request larger than the pace's room goes alone
+    for slot, t in sorted(recent):
+        used -= t
+        if used + tokens <= cap:
+            return (slot + span) * seconds_per_slot - now + _EPSILON_SECONDS
+    return (current + 1) * seconds_per_slot - now + _EPSILON_SECONDS
 
 
 def plan_grant(
@@ -319,6 +419,8 @@ def plan_grant(
     slots_per_window: int,
     bulk_ceiling: float,
     guard_seconds: float = 0.0,
+    requests: int = 1,
+    bulk_pace: float | None = None,
 ) -> Plan:
     """Wait, or grant now; and which stale slots the grant's write removes."""
     wait = plan_wait(
@@ -330,6 +432,8 @@ def plan_grant(
         slots_per_window=slots_per_window,
         bulk_ceiling=bulk_ceiling,
         guard_seconds=guard_seconds,
+        requests=requests,
+        bulk_pace=bulk_pace,
     )
     if wait > 0:
         return Plan(wait)
@@ -342,7 +446,7 @@ def plan_grant(
         freed_requests = sum(state.slots[s][1] for s in removed)
         return (
             state.tokens_total - freed_tokens + tokens <= token_cap
-            and state.requests_total - freed_requests + 1 <= request_cap
+            and state.requests_total - freed_requests + requests <= request_cap
         )
 
     if fits(()) and len(stale) < _COMPACT_AT_STALE_SLOTS:
@@ -421,6 +525,8 @@ class RateLimitLedger:
         fallback_processes: int = 0,
         guard_seconds: float = DEFAULT_GUARD_SECONDS,
         metrics: Any = None,
+        lease_seconds: float = 0.0,
+        bulk_pace: float | None = None,
     ):
         if not 0 < bulk_ceiling <= 1:
             raise ValueError("bulk_ceiling must be in (0, 1]")
@@ -438,6 +544,10 @@ class RateLimitLedger:
         self.fallback_processes = fallback_processes
         self.guard_seconds = guard_seconds
         self.metrics = metrics  # an OpsMetrics (EMF) for errors and fallback grants, or None
+        self.lease_seconds = lease_seconds  # 0: every realtime request is its own grant
+        self.bulk_pace = bulk_pace  # None: bulk may take the whole window at once while users are idle
+        self._leases: dict[str, _Lease] = {}
+        self._recent: dict[str, deque[float]] = {}
         self.started_at = clock()
         self._lock = threading.Lock()
         self._random = random.Random()
@@ -447,6 +557,7 @@ class RateLimitLedger:
         self._stats: dict[str, float] = dict.fromkeys(
             (
                 "dynamodb_calls",
+                "dynamodb_seconds",
                 "get_item_calls",
                 "update_item_calls",
                 "batch_get_item_calls",
@@ -465,6 +576,8 @@ class RateLimitLedger:
                 "misconfigured",
                 "shed",
                 "fallback_grants",
+                "leases",
+                "lease_grants",
             ),
             0,
         )
@@ -520,6 +633,7 @@ class RateLimitLedger:
         self._count(f"{operation}_calls")
         if table:
             kwargs["TableName"] = self.table_name
+        started = time.perf_counter()
         try:
             return getattr(self.client, operation)(**kwargs)
         except ClientError as exc:
@@ -534,14 +648,24 @@ class RateLimitLedger:
             self._count("ledger_errors")
             self._emit(LEDGER_ERRORS_METRIC, kind="transient")
             raise _LedgerDown(exc, transient=True) from exc
+        finally:
+            self._count("dynamodb_seconds", time.perf_counter() - started)
 
-    def _update(self, key: str, **kwargs) -> tuple[LedgerState | None, bool]:
-        """A conditional UpdateItem: (the item after it, True), or (the item that failed it, False)."""
+    def _update(
+        self, key: str, *, known: LedgerState | None = None, removed: tuple[int, ...] = (), **kwargs
+    ) -> tuple[LedgerState | None, bool]:
+        """A conditional UpdateItem: (the item after it, True), or (the item that failed it, False).
+
+        With `known` (the item as this caller last saw it) the write returns only what it changed, and the
+        item after it is `known` with those changes and the `removed` slots dropped: a hint, possibly
+        missing other callers' slots, which is all a hint needs to be (every grant's condition checks the
+        live item). Returning the whole item every time would send ~2 attributes per slot on every grant.
+        """
         try:
             response = self._call(
                 "update_item",
-                Key={"pk": {"S": key}},
-                ReturnValues="ALL_NEW",
+                Key=item_key(key),
+                ReturnValues="ALL_NEW" if known is None else "UPDATED_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 **kwargs,
             )
@@ -550,24 +674,23 @@ class RateLimitLedger:
             state = parse_item(item) if item else None
             self._remember(key, state)
             return state, False
-        state = parse_item(response.get("Attributes"))
+        attributes = response.get("Attributes") or {}
+        state = parse_item(attributes) if known is None else merge_update(known, attributes, removed)
         self._remember(key, state)
         return state, True
 
     def _read(self, keys: list[str]) -> list[LedgerState]:
         """Consistent reads of the items: one GetItem, or one BatchGetItem for a grant with a tenant item."""
         if len(keys) == 1:
-            response = self._call("get_item", Key={"pk": {"S": keys[0]}}, ConsistentRead=True)
+            response = self._call("get_item", Key=item_key(keys[0]), ConsistentRead=True)
             states = {keys[0]: parse_item(response.get("Item"))}
         else:
             found: dict[str, Any] = {}
-            request: dict = {
-                self.table_name: {"Keys": [{"pk": {"S": k}} for k in keys], "ConsistentRead": True}
-            }
+            request: dict = {self.table_name: {"Keys": [item_key(k) for k in keys], "ConsistentRead": True}}
             for _ in range(3):
                 response = self._call("batch_get_item", table=False, RequestItems=request)
                 for item in response.get("Responses", {}).get(self.table_name, []):
-                    found[item["pk"]["S"]] = item
+                    found[item["pk"]["S"].removeprefix(f"{KEY_VERSION}#")] = item
                 request = response.get("UnprocessedKeys") or {}
                 if not request:
                     break
@@ -591,7 +714,15 @@ class RateLimitLedger:
         return _n(math.ceil(max(times) + 2 * limit.window_seconds + self.guard_for(limit)))
 
     def _grant_update(
-        self, budget: _Budget, state: LedgerState, plan: Plan, tokens: int, lane: Lane, now: float, slot: int
+        self,
+        budget: _Budget,
+        state: LedgerState,
+        plan: Plan,
+        tokens: int,
+        lane: Lane,
+        now: float,
+        slot: int,
+        requests: int = 1,
     ) -> dict[str, Any]:
         """The UpdateItem arguments of a grant (and any removals); the condition is the budget check."""
         limit = budget.limit
@@ -601,7 +732,7 @@ class RateLimitLedger:
         sets = ["#exp = :exp"]
         freed_tokens = sum(state.slots[s][0] for s in plan.compact)
         freed_requests = sum(state.slots[s][1] for s in plan.compact)
-        granted_tokens, granted_requests = (0, 0) if plan.compact_only else (tokens, 1)
+        granted_tokens, granted_requests = (0, 0) if plan.compact_only else (tokens, requests)
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
         oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
         adds = ["#tt :dt", "#tr :dr"]
@@ -609,10 +740,10 @@ class RateLimitLedger:
         values[":dr"] = _n(granted_requests - freed_requests)
         realtime_until = state.realtime_until
         if not plan.compact_only:
-            adds += [f"t_{slot} :tokens", f"r_{slot} :one"]
-            values[":tokens"], values[":one"] = _n(tokens), _n(1)
+            adds.append(f"s_{slot} :packed")
+            values[":packed"] = _n(pack_slot(tokens, requests))
             values[":max_t"] = _n(limit.tpm - tokens + freed_tokens)
-            values[":max_r"] = _n(limit.rpm - 1 + freed_requests)
+            values[":max_r"] = _n(limit.rpm - requests + freed_requests)
             conditions.append("(attribute_not_exists(#tt) OR (#tt <= :max_t AND #tr <= :max_r))")
             # Every slot this grant's windows count is still here: a caller whose clock reading went
             # stale before its write landed cannot miss slots a newer caller removed meanwhile.
@@ -626,7 +757,9 @@ class RateLimitLedger:
                 conditions.append("(attribute_not_exists(#cd) OR #cd <= :now)")
                 if lane is Lane.BULK:
                     values[":bmax_t"] = _n(math.floor(self.bulk_ceiling * limit.tpm) - tokens + freed_tokens)
-                    values[":bmax_r"] = _n(math.floor(self.bulk_ceiling * limit.rpm) - 1 + freed_requests)
+                    values[":bmax_r"] = _n(
+                        math.floor(self.bulk_ceiling * limit.rpm) - requests + freed_requests
+                    )
                     conditions.append(
                         "(attribute_not_exists(#rt) OR #rt <= :now OR attribute_not_exists(#tt)"
                         " OR (#tt <= :bmax_t AND #tr <= :bmax_r))"
@@ -637,11 +770,8 @@ class RateLimitLedger:
                     sets.append("#rt = :rt")
         for index, stale in enumerate(plan.compact):
             # Subtract exactly what is removed: the slot must still hold what was read.
-            values[f":st{index}"], values[f":sr{index}"] = (
-                _n(state.slots[stale][0]),
-                _n(state.slots[stale][1]),
-            )
-            conditions.append(f"t_{stale} = :st{index} AND r_{stale} = :sr{index}")
+            values[f":st{index}"] = _n(pack_slot(*state.slots[stale]))
+            conditions.append(f"s_{stale} = :st{index}")
         values[":exp"] = self._expires_at(limit, now, state.cooldown_until, realtime_until)
         if plan.compact:
             names["#rb"] = "removed_below"
@@ -651,7 +781,7 @@ class RateLimitLedger:
         expression = f"SET {', '.join(sets)} ADD {', '.join(adds)}"
         if plan.compact:
             self._count("compactions")
-            expression += " REMOVE " + ", ".join(f"{p}_{s}" for s in plan.compact for p in ("t", "r"))
+            expression += " REMOVE " + ", ".join(f"s_{stale}" for stale in plan.compact)
         kwargs: dict[str, Any] = {
             "UpdateExpression": expression,
             "ExpressionAttributeNames": names,
@@ -670,20 +800,23 @@ class RateLimitLedger:
         lane: Lane,
         now: float,
         slot: int,
+        requests: int = 1,
     ) -> tuple[list[LedgerState | None], bool]:
         """One conditional write over every item the grant must fit: an UpdateItem, or a transaction."""
         updates = [
-            self._grant_update(budget, state, plan, tokens, lane, now, slot)
+            self._grant_update(budget, state, plan, tokens, lane, now, slot, requests)
             for budget, state, plan in zip(budgets, states, plans, strict=True)
         ]
         if len(budgets) == 1:
-            state, written = self._update(budgets[0].limit.key, **updates[0])
+            state, written = self._update(
+                budgets[0].limit.key, known=states[0], removed=plans[0].compact, **updates[0]
+            )
             return [state], written
         items = [
             {
                 "Update": {
                     "TableName": self.table_name,
-                    "Key": {"pk": {"S": budget.limit.key}},
+                    "Key": item_key(budget.limit.key),
                     "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                     **update,
                 }
@@ -779,9 +912,19 @@ class RateLimitLedger:
             budgets.append(_Budget(self.tenant_limit(limit, tenant, tenant_share), shared=False))
             self._validate(budgets[1].limit, tokens)
         start = self.clock()
+        leasing = lane is Lane.REALTIME and len(budgets) == 1 and self.lease_seconds_for(limit) > 0
+        if leasing:
+            self._note_request(limit, start)
+            leased = self._from_lease(provider_limit, tokens, start)
+            if leased is not None:
+                return leased
+        # A busy realtime caller reserves for the requests it expects in the next lease period at once;
+        # `want` falls back to this request alone whenever the larger grant would have to wait.
+        want_tokens, want_requests = self._lease_size(limit, tokens, start) if leasing else (tokens, 1)
         states: list[LedgerState | None] = [self._hints.get(b.limit.key) for b in budgets]
         fresh = False  # a hint may be stale: it can start a write, never a wait
-        conflicts = 0
+        conflicts = lost = 0
+        woke_to_fit = False  # the last sleep lasted until the request should have fitted
         while True:
             now = self.clock()
             try:
@@ -798,16 +941,21 @@ class RateLimitLedger:
                     plan_grant(
                         state,
                         budget.limit,
-                        tokens,
+                        want_tokens,
                         lane if budget.shared else Lane.REALTIME,
                         now,
                         slots_per_window=self.slots_per_window,
                         bulk_ceiling=self.bulk_ceiling,
                         guard_seconds=self.guard_for(budget.limit),
+                        requests=want_requests,
+                        bulk_pace=self.bulk_pace if budget.shared else None,
                     )
                     for budget, state in zip(budgets, known, strict=True)
                 ]
                 wait = max(plan.wait for plan in plans)
+                if wait > 0 and want_requests > 1:
+                    want_tokens, want_requests = tokens, 1  # no lease when budget is short: just this request
+                    continue
                 if wait == 0:
                     slot = slot_of(now, slot_seconds(limit, self.slots_per_window))
                     stuck = next((i for i, p in enumerate(plans) if p.compact_only and not p.compact), None)
@@ -821,16 +969,27 @@ class RateLimitLedger:
                     if compacting is not None:
                         # The grant cannot fit in one write with the removals: remove first, on that item alone.
                         update = self._grant_update(
-                            budgets[compacting], known[compacting], plans[compacting], tokens, lane, now, slot
+                            budgets[compacting], known[compacting], plans[compacting], 0, lane, now, slot, 0
                         )
-                        new_state, _ = self._update(budgets[compacting].limit.key, **update)
+                        new_state, _ = self._update(
+                            budgets[compacting].limit.key,
+                            known=known[compacting],
+                            removed=plans[compacting].compact,
+                            **update,
+                        )
                         states = list(known)
                         states[compacting] = new_state
                         fresh = new_state is not None
                         continue
-                    new_states, written = self._write_grants(budgets, known, plans, tokens, lane, now, slot)
+                    new_states, written = self._write_grants(
+                        budgets, known, plans, want_tokens, lane, now, slot, want_requests
+                    )
                     if written:
                         self._count("grants")
+                        if want_requests > 1:
+                            self._open_lease(
+                                provider_limit, slot, now, want_tokens - tokens, want_requests - 1
+                            )
                         return Reservation(
                             provider_limit,
                             tokens,
@@ -866,6 +1025,15 @@ class RateLimitLedger:
                         retry_after=wait if math.isfinite(wait) else limit.window_seconds,
                     )
                 pause = min(wait, _MAX_SLEEP_SECONDS, limit.window_seconds / 4) + self._jitter(limit)
+                if woke_to_fit:
+                    lost += 1  # it slept until the request would fit, and the room went to someone else
+                if lane is Lane.BULK and lost:
+                    # Bulk waiters aiming at the same freed slot wake together and all but one lose it: each
+                    # loss spreads this caller's next wake-up a little more, so a herd of workers costs a
+                    # few DynamoDB calls per grant instead of one per worker.
+                    seconds_per_slot = slot_seconds(limit, self.slots_per_window)
+                    pause += self._random.uniform(0, min(lost * seconds_per_slot, limit.window_seconds / 8))
+                woke_to_fit = pause >= wait
                 if lane is Lane.REALTIME and plans[0].wait > 0:
                     margin = max(2 * slot_seconds(limit, self.slots_per_window), 0.2)
                     self._mark_demand(limit, known[0], now + pause + margin, now)
@@ -875,6 +1043,63 @@ class RateLimitLedger:
             self._count("wait_seconds", pause)
             self.sleep(pause)
             states = [None] * len(budgets)
+
+    def lease_seconds_for(self, limit: LimitSpec) -> float:
+        """How long a lease of this limit may serve requests: at most a quarter of the guard, which covers it."""
+        return min(self.lease_seconds, self.guard_for(limit) / 4)
+
+    def _lease_size(self, limit: LimitSpec, tokens: int, now: float) -> tuple[int, int]:
+        """(tokens, requests) to reserve: this request, times the requests expected in one lease period.
+
+        Expected from this process's own realtime requests in the last few lease periods, so an idle or
+        slow caller reserves exactly what it asks (1 request), and a busy one a few requests' worth.
+        """
+        period = self.lease_seconds_for(limit)
+        with self._lock:
+            recent = self._recent.get(limit.key, ())
+            expected = math.ceil(sum(1 for at in recent if at > now - 4 * period) / 4)  # per period, of 4
+        requests = max(1, min(expected, _MAX_LEASE_REQUESTS, math.floor(_MAX_LEASE_SHARE * limit.rpm)))
+        if requests == 1:
+            return tokens, 1
+        lease_tokens = min(tokens * requests, max(tokens, math.floor(_MAX_LEASE_SHARE * limit.tpm)))
+        return lease_tokens, requests
+
+    def _note_request(self, limit: LimitSpec, now: float) -> None:
+        """Remember a realtime request's time: the lease size follows this process's request rate."""
+        horizon = 4 * self.lease_seconds_for(limit)
+        with self._lock:
+            recent = self._recent.setdefault(limit.key, deque())
+            recent.append(now)
+            while recent and recent[0] <= now - horizon:
+                recent.popleft()
+
+    def _open_lease(self, limit: LimitSpec, slot: int, now: float, tokens: int, requests: int) -> None:
+        period = self.lease_seconds_for(self.budgeted(limit))
+        with self._lock:
+            self._leases[limit.key] = _Lease(slot, now + period, tokens, requests)
+        self._count("leases")
+
+    def _from_lease(self, limit: LimitSpec, tokens: int, now: float) -> Reservation | None:
+        """This request from the process's open lease, if it is still valid and has room; else None.
+
+        An expired lease's unused tokens and requests go back to the ledger (one write), so what a lease
+        held but did not use is counted only until then.
+        """
+        with self._lock:
+            lease = self._leases.get(limit.key)
+            fits = lease is not None and lease.tokens >= tokens and lease.requests >= 1
+            if lease is not None and fits and now < lease.expires_at:
+                lease.tokens -= tokens
+                lease.requests -= 1
+                self._stats["grants"] += 1
+                self._stats["lease_grants"] += 1
+                return Reservation(limit, tokens, Lane.REALTIME, lease.slot, 0.0, granted_at=now, leased=True)
+            if lease is None:
+                return None
+            del self._leases[limit.key]
+        if lease.tokens or lease.requests:
+            self._reconcile_item(self.budgeted(limit), lease.slot, -lease.tokens, -lease.requests)
+        return None
 
     def _when_ledger_down(
         self,
@@ -967,11 +1192,17 @@ class RateLimitLedger:
                     reservation.granted_at, delta, 0
                 )
             return
+        if reservation.leased and delta < 0:
+            with self._lock:
+                lease = self._leases.get(reservation.limit.key)
+                if lease is not None and lease.slot == reservation.slot:
+                    lease.tokens -= delta  # the lease keeps the refund, and returns it when it closes
+                    return
         self._reconcile_item(self.budgeted(reservation.limit), reservation.slot, delta)
         if reservation.tenant_limit is not None:
             self._reconcile_item(reservation.tenant_limit, reservation.slot, delta)
 
-    def _reconcile_item(self, limit: LimitSpec, reserved_slot: int, delta: int) -> None:
+    def _reconcile_item(self, limit: LimitSpec, reserved_slot: int, delta: int, requests: int = 0) -> None:
         now = self.clock()
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
         oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
@@ -980,22 +1211,23 @@ class RateLimitLedger:
         if reserved_slot >= oldest + 2:
             slot = reserved_slot
         elif delta > 0:
-            slot = slot_of(now, seconds_per_slot)
+            slot, requests = slot_of(now, seconds_per_slot), 0
         else:
             return
         try:
             self._update(
                 limit.key,
-                UpdateExpression=f"SET #exp = if_not_exists(#exp, :exp) ADD t_{slot} :delta, r_{slot} :zero, "
-                "#tt :delta, #tr :zero",
+                known=self._hints.get(limit.key),
+                UpdateExpression=f"SET #exp = if_not_exists(#exp, :exp) ADD s_{slot} :packed, #tt :delta, #tr :dr",
                 ExpressionAttributeNames={
                     "#tt": "tokens_total",
                     "#tr": "requests_total",
                     "#exp": "expires_at",
                 },
                 ExpressionAttributeValues={
+                    ":packed": _n(pack_slot(delta, requests)),
                     ":delta": _n(delta),
-                    ":zero": _n(0),
+                    ":dr": _n(requests),
                     ":exp": self._expires_at(limit, now),
                 },
             )

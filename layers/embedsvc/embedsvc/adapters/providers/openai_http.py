@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import os
 import threading
@@ -41,6 +42,13 @@ def parse_retry_after(headers) -> float | None:
     except ValueError:
         parsed = email.utils.parsedate_to_datetime(value) if value else None
         return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+def _as_vector(embedding: Any) -> np.ndarray:
+    """A float32 vector from base64 (float32 little-endian) or, from servers that ignore the ask, floats."""
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32)
+    return np.asarray(embedding, dtype=np.float32)
 
 
 class OpenAIHttpProvider:
@@ -118,8 +126,11 @@ class OpenAIHttpProvider:
         if timeout is not None:
             kwargs["timeout"] = min(timeout, self.spec.timeout_seconds)  # never past the caller's deadline
         try:
-            # No encoding_format: the SDK asks for base64 (a third of the bytes) and decodes it itself.
-            response = self.client().embeddings.create(input=texts, model=model_name, **kwargs)
+            # base64, as the SDK asks by default (a third of the bytes), but said explicitly so that the SDK
+            # hands the strings over instead of turning each vector into a list of Python floats.
+            response = self.client().embeddings.create(
+                input=texts, model=model_name, encoding_format="base64", **kwargs
+            )
         except openai.RateLimitError as exc:
             if exc.code == "insufficient_quota":
                 # Out of credit is not a throttle: waiting will not help, another endpoint might.
@@ -142,6 +153,6 @@ class OpenAIHttpProvider:
         data = sorted(response.data, key=lambda item: item.index)
         if len(data) != len(texts):
             raise ProviderError(f"{self.key} returned {len(data)} embeddings for {len(texts)} inputs")
-        vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
+        vectors = np.stack([_as_vector(item.embedding) for item in data]) if data else np.zeros((0, 0), "<f4")
         usage = getattr(response, "usage", None)
         return ProviderResult(vectors, getattr(usage, "prompt_tokens", None))
