@@ -52,10 +52,10 @@ lint-template: install $(SAM_VENV)/bin/sam  ## sam validate --lint and cfn-lint 
 openapi: install  ## regenerate openapi.json from the API code
 	$(PY) -m embedsvc.openapi > openapi.json
 
-bench-api: install  ## API overhead vs the model called directly; cache hit vs miss latency
+bench-api: install  ## te3s through the API (ledger, cache) vs the same simulator called directly; cache hit vs miss
 	$(PY) benchmarks/bench_api.py
 
-bench-ratelimit: install  ## 8 workers against a rate-limited provider simulator, via the DynamoDB ledger
+bench-ratelimit: install  ## 16 workers, two tenants, contended realtime, skewed clocks vs a rate-limited simulator
 	$(PY) benchmarks/bench_ratelimit.py
 
 bench-worker: install  ## 2,000 messages through the worker vs the direct floor

@@ -6,6 +6,7 @@ import base64
 import json
 import math
 
+import numpy as np
 import orjson
 from aws_lambda_powertools.event_handler import Response
 
@@ -48,9 +49,8 @@ def principal_context(event, allowed_sources: list[str]) -> CallContext:
 def embeddings_response(result, encoding_format: str) -> Response:
     """OpenAI's response shape; base64 is the float32 little-endian bytes, as OpenAI sends them."""
     if encoding_format == "base64":
-        embeddings: list = [
-            base64.b64encode(vector.astype("<f4").tobytes()).decode() for vector in result.vectors
-        ]
+        rows = np.ascontiguousarray(result.vectors, dtype="<f4")  # one conversion, not one per vector
+        embeddings: list = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
     else:
         embeddings = list(
             result.vectors
