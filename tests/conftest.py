@@ -191,3 +191,31 @@ def load_event(relative: str) -> dict:
     path = os.path.join(os.path.dirname(__file__), "..", "events", relative)
     with open(path) as fh:
         return json.load(fh)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> Iterator[str]:
+    """A fresh database of ours, migrated: on DATABASE_URL, the server at 127.0.0.1:5432, or an embedded one."""
+    from embedsvc.adapters.postgres import Database
+    from embedsvc.db.migrations import upgrade
+    from embedsvc.local.postgres import resolve_local_database
+
+    local = resolve_local_database(tmp_path_factory.mktemp("pg"), name=f"embedsvc_test_{os.getpid()}")
+    db = Database.from_url(local.url)
+    upgrade(db)
+    db.close()
+    yield local.url
+    local.close()
+
+
+@pytest.fixture
+def content_db(postgres_url, monkeypatch):
+    """The test database with empty tables, set as DATABASE_URL for the code under test."""
+    from embedsvc.adapters.postgres import Database
+
+    db = Database.from_url(postgres_url)
+    with db.connection() as conn:
+        conn.run("TRUNCATE content, repair_checkpoints, consistency_gaps")
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    yield db
+    db.close()

@@ -14,7 +14,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
@@ -221,6 +229,21 @@ class _RegistrySource(PydanticBaseSettingsSource):
         return {"registry": load_registry_data(os.environ)}
 
 
+class ContentTypeSpec(BaseModel):
+    """A kind of content in the store: public (every caller searches it) or private to its owner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    private: bool = False
+    # Public content is shared by every tenant, so only these tenants may write it (None: any tenant, as
+    # in the local stack; the template allows only "admin"). Private content is always its owner's to write.
+    writers: list[str] | None = None
+
+
+def _default_content_types() -> dict[str, ContentTypeSpec]:
+    return {"verse": ContentTypeSpec(private=False), "note": ContentTypeSpec(private=True)}
+
+
 class Settings(BaseSettings):
     """Runtime settings, one object per process (see `get_settings`); each field is the env var of its name."""
 
@@ -280,9 +303,20 @@ class Settings(BaseSettings):
             "verse_index",
             "reindex",
             "backfill",
+            "repair",
             "evaluation",
         ]
     )
+    # The content store (Postgres): a URL locally, an RDS-format Secrets Manager secret on AWS.
+    database_url: str | None = None
+    database_secret_arn: str | None = None
+    database_ssl_mode: Literal["disable", "require", "verify-full"] = "require"  # for the secret's host
+    # Content types the store accepts, as JSON: {"verse": {"private": false}, "note": {"private": true}}.
+    content_types: dict[str, ContentTypeSpec] = Field(default_factory=_default_content_types)
+    # The weekly audit: where its reports go, and the share of a collection's points that may be orphans
+    # before it refuses to delete any (an audit pointed at an empty or wrong database must not wipe an index).
+    audit_reports_bucket: str | None = None
+    audit_orphan_max_share: float = Field(default=0.05, ge=0, le=1)
     registry: Registry
 
     @classmethod

@@ -52,6 +52,14 @@ class Unauthorized(EmbedServiceError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(EmbedServiceError):
+    """The caller is known but may not do this (e.g. write shared content without being one of its writers)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class ServiceOverloaded(EmbedServiceError):
     """The service sheds load: the shared rate-limit budget is spent for longer than a caller may wait."""
 
@@ -100,6 +108,12 @@ class DeadlineExceeded(TransientError):
     """Not enough of the invocation's time is left to wait for budget and call the provider: retry later."""
 
     code = "deadline_exceeded"
+
+
+class ContentStoreUnavailable(TransientError):
+    """Postgres did not answer or asked us to retry: nothing was committed."""
+
+    code = "content_store_unavailable"
 
 
 class LedgerUnavailable(TransientError):
