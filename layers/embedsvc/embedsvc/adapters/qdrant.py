@@ -6,15 +6,23 @@ content id itself travels in the payload.
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedsvc.errors import VectorStoreUnavailable
+from embedsvc.errors import EmbedServiceError, InvalidRequest, VectorStoreUnavailable
 
 POINT_NAMESPACE = uuid.UUID("6f1c1b2e-8d6e-5b0a-9d2b-3e0f4c7a1d55")
+
+# Qdrant takes at most this many ids comfortably in one retrieve; repair passes pages of ids.
+RETRIEVE_PAGE = 1000
+SCROLL_FIELDS = ("content_hash", "version", "deleted", "id", "owner_id")
+METADATA_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+FilterValue = str | int | float | bool | list
 
 
 def point_id(content_type: str, content_id: str) -> str:
@@ -37,6 +45,75 @@ def _live_only():
     from qdrant_client import models
 
     return models.Filter(must_not=[models.FieldCondition(key="deleted", match=models.MatchValue(value=True))])
+
+
+def _older_than(version_field: str, version: int):
+    """Matches a stored point whose version is below `version`, or that has no version at all.
+
+    A Range on an absent key matches nothing (local mode: `check_condition` returns False when
+    `value_by_key` finds no value; the server likewise), so points written before versions existed
+    would be frozen forever without the IsEmpty alternative (which matches absent, null and []).
+    """
+    from qdrant_client import models
+
+    return models.Filter(
+        should=[
+            models.FieldCondition(key=version_field, range=models.Range(lt=version)),
+            models.IsEmptyCondition(is_empty=models.PayloadField(key=version_field)),
+        ]
+    )
+
+
+def _version_of(payload: Mapping[str, Any], version_field: str, pid: str) -> int:
+    version = payload.get(version_field)
+    if isinstance(version, bool) or not isinstance(version, int):
+        # A programming error, not a caller's: only store-backed content (with a version) comes here.
+        raise EmbedServiceError(f"point {pid} has no int {version_field!r} for a conditional write")
+    return version
+
+
+def _by_version(items: Sequence[tuple[str, int, Any]]) -> list[tuple[int, list[Any]]]:
+    """Group (id, version, item) by version, ascending; per id only its newest item survives.
+
+    Two writes of one id in one request would race each other: the first would raise the stored
+    version and the second, at the same version, be refused. The newest (last at a tie) wins instead.
+    """
+    newest: dict[str, tuple[int, Any]] = {}
+    for pid, version, item in items:
+        if pid not in newest or version >= newest[pid][0]:
+            newest[pid] = (version, item)
+    groups: dict[int, list[Any]] = {}
+    for version, item in newest.values():
+        groups.setdefault(version, []).append(item)
+    return sorted(groups.items(), key=lambda group: group[0])
+
+
+def _metadata_condition(key: str, value: Any):
+    """One `metadata.<key>` condition: exact match, or any-of for a list."""
+    from qdrant_client import models
+
+    if not isinstance(key, str) or METADATA_KEY.fullmatch(key) is None:
+        raise InvalidRequest(
+            f"filter key {key!r} must be 1-64 letters, digits or underscores", param="filters"
+        )
+    field = f"metadata.{key}"
+    if isinstance(value, list):
+        if not value or any(isinstance(v, (list, dict)) or v is None for v in value):
+            raise InvalidRequest(f"filter {key!r} must list one or more plain values", param="filters")
+        if all(isinstance(v, str) for v in value) or all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return models.FieldCondition(key=field, match=models.MatchAny(any=list(value)))
+        # MatchAny takes only all-str or all-int lists: a mixed list is a should of exact matches.
+        return models.Filter(should=[_metadata_condition(key, v) for v in value])
+    if isinstance(value, float):
+        # Qdrant's exact match has no float variant (a float payload never matches MatchValue).
+        return models.FieldCondition(key=field, range=models.Range(gte=value, lte=value))
+    if isinstance(value, (str, int)):  # bool is an int
+        return models.FieldCondition(key=field, match=models.MatchValue(value=value))
+    raise InvalidRequest(
+        f"filter {key!r} must be a string, number, boolean or a list of them", param="filters"
+    )
 
 
 @dataclass
@@ -129,18 +206,20 @@ class VectorStore:
         return int(size) if size is not None else None
 
     def payloads(self, collection: str, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Stored payloads of the given points (absent points are absent)."""
-        if not point_ids:
-            return {}
-        records = self._call(
-            "retrieve",
-            self.client.retrieve,
-            collection,
-            ids=list(point_ids),
-            with_payload=True,
-            with_vectors=False,
-        )
-        return {str(r.id): dict(r.payload or {}) for r in records}
+        """Stored payloads of the given points (absent points are absent), fetched 1000 ids a request."""
+        found: dict[str, dict[str, Any]] = {}
+        ids = list(point_ids)
+        for start in range(0, len(ids), RETRIEVE_PAGE):
+            records = self._call(
+                "retrieve",
+                self.client.retrieve,
+                collection,
+                ids=ids[start : start + RETRIEVE_PAGE],
+                with_payload=True,
+                with_vectors=False,
+            )
+            found.update({str(r.id): dict(r.payload or {}) for r in records})
+        return found
 
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         """Write points and return only once Qdrant has applied them (wait=True)."""
@@ -150,6 +229,75 @@ class VectorStore:
             return
         structs = [models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=p.payload) for p in points]
         self._call("upsert", self.client.upsert, collection, points=structs, wait=True)
+
+    def upsert_if_newer(
+        self, collection: str, points: Sequence[Point], *, version_field: str = "version"
+    ) -> None:
+        """Write each point only over an older stored version (or none): the conditional write.
+
+        Every payload carries the int `version` Postgres increments on each write of the row. A worker
+        that read a row, embedded it and writes late must not undo a newer write (or a delete) that
+        landed meanwhile: reading Qdrant first and then writing leaves exactly that window open. So the
+        comparison happens inside Qdrant, with upsert's `update_filter` (Qdrant >= 1.16): an existing
+        point is replaced only when it matches the filter, a point that does not exist is inserted, and
+        a refused point is skipped without an error. In local mode (`LocalCollection._upsert_point`) the
+        filter is checked against the stored payload of a live point only; a missing point (never
+        written, or deleted) goes straight to `_add_point`.
+
+        The filter is "stored version < this version, or no stored version": points written before
+        versions existed are overwritten rather than frozen. An equal version is refused, so a retried
+        write is a no-op. Tombstones (deleted=True, a version, a zero-content vector) go through here
+        too: a stale live write cannot resurrect deleted content, and a newer write replaces the tombstone.
+
+        The filter applies to a whole request, so points are grouped by version: one upsert per
+        distinct version, ascending.
+        """
+        from qdrant_client import models
+
+        items = [(p.id, _version_of(p.payload, version_field, p.id), p) for p in points]
+        for version, group in _by_version(items):
+            structs = [
+                models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=p.payload) for p in group
+            ]
+            self._call(
+                "upsert",
+                self.client.upsert,
+                collection,
+                points=structs,
+                update_filter=_older_than(version_field, version),
+                wait=True,
+            )
+
+    def overwrite_payloads_if_newer(
+        self, collection: str, payloads: dict[str, dict[str, Any]], *, version_field: str = "version"
+    ) -> None:
+        """Replace points' payloads (vectors kept) only where the stored version is older or absent.
+
+        The same rule as `upsert_if_newer`, for metadata-only refreshes. Each operation selects its
+        point by a filter (HasId and the version condition), so a point that is missing or already
+        newer is left alone without an error; the whole batch is one request.
+        """
+        from qdrant_client import models
+
+        items = [(pid, _version_of(payload, version_field, pid), pid) for pid, payload in payloads.items()]
+        operations: list[Any] = []
+        for version, pids in _by_version(items):
+            older = _older_than(version_field, version)
+            for pid in pids:
+                selector = models.Filter(must=[models.HasIdCondition(has_id=[pid]), older])
+                operations.append(
+                    models.OverwritePayloadOperation(
+                        overwrite_payload=models.SetPayload(payload=payloads[pid], filter=selector)
+                    )
+                )
+        if operations:
+            self._call(
+                "batch_update_points",
+                self.client.batch_update_points,
+                collection,
+                update_operations=operations,
+                wait=True,
+            )
 
     def delete(self, collection: str, point_ids: Sequence[str]) -> None:
         from qdrant_client import models
@@ -199,21 +347,35 @@ class VectorStore:
         )
 
     def search(
-        self, collection: str, vector: Sequence[float], *, limit: int, owner_id: str | None = None
+        self,
+        collection: str,
+        vector: Sequence[float],
+        *,
+        limit: int,
+        owner_id: str | None = None,
+        filters: Mapping[str, FilterValue] | None = None,
     ) -> list[Hit]:
-        """Nearest points by cosine; with `owner_id`, only that tenant's content and shared content."""
+        """Nearest live points by cosine, optionally limited to a tenant and to metadata values.
+
+        With `owner_id`: that tenant's content and shared content, whose owner_id is null or absent
+        (IsEmpty matches both; IsNull does not match an absent key). `filters` match payload
+        `metadata.<key>` exactly, a list meaning any of its values; keys are 1-64 of [A-Za-z0-9_].
+        """
         from qdrant_client import models
 
-        query_filter = _live_only()
+        must: list[Any] = [_metadata_condition(key, value) for key, value in (filters or {}).items()]
         if owner_id is not None:
-            query_filter.must = [
+            must.append(
                 models.Filter(
                     should=[
                         models.FieldCondition(key="owner_id", match=models.MatchValue(value=owner_id)),
-                        models.IsNullCondition(is_null=models.PayloadField(key="owner_id")),
+                        models.IsEmptyCondition(is_empty=models.PayloadField(key="owner_id")),
                     ]
                 )
-            ]
+            )
+        query_filter = _live_only()
+        if must:
+            query_filter.must = must
         answer = self._call(
             "query_points",
             self.client.query_points,
@@ -244,3 +406,83 @@ class VectorStore:
             yield from records
             if offset is None:
                 return
+
+    def scroll_ids(
+        self, collection: str, *, page: int = 1000, fields: Sequence[str] = SCROLL_FIELDS
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every point id (tombstones included) with only `fields` of its payload, in ascending id order.
+
+        The order is Qdrant's scroll order by point id, one page in memory at a time. The server sorts
+        ids (integers first, then UUIDs by their 128-bit value); for UUIDs that is the order of their
+        lowercase canonical strings, and Postgres orders `uuid` by the same bytes, so a merge-join
+        against `ORDER BY point_id` works. Local mode (`LocalCollection._scroll_by_id`) sorts by
+        `_universal_id`, i.e. by the id string, and stores UUIDs canonical and lowercase
+        (`normalize_point_id`): the same order. Each next page starts at `next_page_offset`, the first
+        id not yet returned. The order is checked as ids stream, since a merge-join fed out of order
+        would silently pair the wrong rows.
+        """
+        from qdrant_client import models
+
+        selector = models.PayloadSelectorInclude(include=list(fields))
+        offset = None
+        previous: str | None = None
+        while True:
+            records, offset = self._call(
+                "scroll",
+                self.client.scroll,
+                collection,
+                limit=page,
+                offset=offset,
+                with_payload=selector,
+                with_vectors=False,
+            )
+            for record in records:
+                pid = str(record.id)
+                if previous is not None and pid <= previous:
+                    raise EmbedServiceError(f"qdrant scrolled {pid} after {previous}: not ascending uuids")
+                previous = pid
+                yield pid, dict(record.payload or {})
+            if offset is None:
+                return
+
+    def delete_collection(self, name: str) -> None:
+        """Drop a collection (a finished migration's old one); absent is fine."""
+        with self._lock:
+            self._known.discard(name)
+        self._call("delete_collection", self.client.delete_collection, name)
+
+    def create_alias(self, alias: str, collection: str) -> None:
+        """Point a new alias at a collection (use `switch_alias` when it may exist already)."""
+        from qdrant_client import models
+
+        self._call(
+            "update_collection_aliases",
+            self.client.update_collection_aliases,
+            change_aliases_operations=[
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+                )
+            ],
+        )
+
+    def switch_alias(self, alias: str, collection: str) -> None:
+        """Point an alias at `collection` atomically: Delete + Create in one aliases request.
+
+        Readers through the alias see the old collection or the new one, never neither. The Delete is
+        sent only when the alias exists, since a server may refuse deleting an unknown alias.
+        """
+        from qdrant_client import models
+
+        operations: list[Any] = []
+        if self.alias_target(alias) is not None:
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        operations.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        )
+        self._call(
+            "update_collection_aliases",
+            self.client.update_collection_aliases,
+            change_aliases_operations=operations,
+        )
