@@ -1,10 +1,12 @@
-"""ApiFunction: the OpenAI-compatible embeddings API behind API Gateway (REST) and the Lambda authorizer."""
+"""ApiFunction: the OpenAI-compatible embeddings API, the content routes (documents, search), behind
+API Gateway (REST) and its Lambda authorizer, which guards every route the template declares."""
 
 from __future__ import annotations
 
 import json
 import time
 import traceback
+from typing import Annotated
 
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
@@ -13,11 +15,13 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestUnsupportedContentType,
     RequestValidationError,
 )
+from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from embedsvc import container
+from embedsvc.adapters.content_store import NewContent
 from embedsvc.api import (
     embeddings_response,
     error_response,
@@ -34,6 +38,20 @@ from embedsvc.models.api import (
     ErrorResponse,
     ModelList,
 )
+from embedsvc.models.documents import (
+    MAX_DOCUMENT_ID_LENGTH,
+    Document,
+    DocumentBody,
+    DocumentWriteResult,
+    ImportRequest,
+    ImportResult,
+    SearchRequest,
+    SearchResponse,
+    document_id_from_path,
+)
+from embedsvc.models.names import CONTENT_TYPE_PATTERN
+from embedsvc.observability import CallContext
+from embedsvc.services.documents import MAX_IMPORT_DOCUMENTS
 
 # Stop waiting for budget or a provider this long before the function's timeout, to answer in time.
 ANSWER_SECONDS = 1.0
@@ -42,9 +60,52 @@ logger = Logger()
 tracer = Tracer()
 app = APIGatewayRestResolver(enable_validation=True)
 
+ContentTypePath = Annotated[
+    str, Path(pattern=CONTENT_TYPE_PATTERN, description="A configured content type, e.g. `verse` or `note`.")
+]
+DocumentIdPath = Annotated[
+    str,
+    Path(
+        description=f"The document's id, percent-encoded: 1 to {MAX_DOCUMENT_ID_LENGTH} characters decoded."
+    ),
+]
+
 
 def _error(description: str) -> OpenAPIResponse:
     return {"description": description, "content": {"application/json": {"model": ErrorResponse}}}
+
+
+def _ok(description: str, model) -> OpenAPIResponse:
+    return {"description": description, "content": {"application/json": {"model": model}}}
+
+
+def _json(status: int, body: dict) -> Response:
+    return Response(status, "application/json", json.dumps(body))
+
+
+def _context() -> CallContext:
+    return principal_context(app.current_event, container.settings().cost_sources)
+
+
+def _deadline() -> float:
+    remaining = app.lambda_context.get_remaining_time_in_millis() / 1000
+    return time.monotonic() + remaining - ANSWER_SECONDS
+
+
+# Private content types are answered only for the caller's tenant: another tenant's document is a 404,
+# exactly as one that does not exist, so that no route can tell whether it does.
+_CONTENT_ERRORS: dict[int, OpenAPIResponse] = {
+    400: _error("Invalid request (body, path, or a private content type for a key without a tenant)"),
+    401: _error("Missing or wrong API key"),
+    415: _error("The body is not `application/json`"),
+    500: _error("Unexpected server error"),
+    503: _error("The content store did not answer (nothing was committed)"),
+}
+# Writes to a shared content type are for its `writers` only (CONTENT_TYPES).
+_WRITE_ERRORS: dict[int, OpenAPIResponse] = {
+    **_CONTENT_ERRORS,
+    403: _error("A shared content type this tenant may not write (`permission_denied`)"),
+}
 
 
 @app.post(
@@ -96,6 +157,122 @@ def create_embeddings(request: EmbeddingRequest):
 def list_models():
     """The registry's models in OpenAI's list shape."""
     return model_list(container.settings().registry)
+
+
+@app.put(
+    "/v1/documents/<content_type>/<document_id>",
+    summary="Create or replace a document, and index it (write-through)",
+    description=(
+        "Commits the text and metadata to the content store (the source of truth), then embeds and writes "
+        "it to every collection of the content type within the request. If the vector write fails, the "
+        "answer is still 200, with `indexing: queued` (an index request is on the queue) or "
+        "`pending_repair` (the hourly repair indexes it). A private content type (notes) is the caller's "
+        "tenant's: the same id from another tenant is another document."
+    ),
+    responses={
+        200: _ok("The committed document", DocumentWriteResult),
+        **_WRITE_ERRORS,
+        404: _error("Unknown content type (`content_type_not_found`)"),
+    },
+)
+def put_document(content_type: ContentTypePath, document_id: DocumentIdPath, body: DocumentBody):
+    """Commit first, then index; the indexing outcome is in the answer, never an error."""
+    result = container.document_service().put(
+        content_type,
+        document_id_from_path(document_id),
+        text=body.text,
+        metadata=body.metadata,
+        context=_context(),
+        deadline=_deadline(),
+    )
+    container.cache().flush(timeout=CACHE_FLUSH_SECONDS)  # if the indexing cache policy is on
+    return _json(200, result.to_dict())
+
+
+@app.get(
+    "/v1/documents/<content_type>/<document_id>",
+    summary="Read a document and its indexing status in each collection",
+    responses={
+        200: _ok("The document, with each collection's status", Document),
+        **_CONTENT_ERRORS,
+        404: _error("No such document of the caller's (`document_not_found`), or unknown content type"),
+    },
+)
+def get_document(content_type: ContentTypePath, document_id: DocumentIdPath):
+    """The stored text and metadata, and per collection whether its point holds this version."""
+    found = container.document_service().get(
+        content_type, document_id_from_path(document_id), context=_context()
+    )
+    return _json(200, found)
+
+
+@app.delete(
+    "/v1/documents/<content_type>/<document_id>",
+    summary="Delete a document, and remove it from search (write-through)",
+    responses={
+        200: _ok("The deleted document (`deleted: true`)", DocumentWriteResult),
+        **_WRITE_ERRORS,
+        404: _error("No such document of the caller's (`document_not_found`), or unknown content type"),
+    },
+)
+def delete_document(content_type: ContentTypePath, document_id: DocumentIdPath):
+    """Soft-delete in the content store, then tombstone its points; a failed tombstone is queued."""
+    result = container.document_service().delete(
+        content_type, document_id_from_path(document_id), context=_context()
+    )
+    return _json(200, result.to_dict())
+
+
+@app.post(
+    "/v1/documents/<content_type>:import",
+    summary="Import documents in bulk; they are indexed from the queue",
+    description=(
+        f"Commits up to {MAX_IMPORT_DOCUMENTS:,} documents in one transaction (all or none) and queues "
+        "their indexing at bulk priority, so a large import never takes the rate limit from user "
+        "queries. (`:import` is a custom method on the content type, so no document id is reserved.)"
+    ),
+    responses={
+        202: _ok("Committed; indexing queued", ImportResult),
+        **_WRITE_ERRORS,
+        404: _error("Unknown content type (`content_type_not_found`)"),
+    },
+)
+def import_documents(content_type: ContentTypePath, body: ImportRequest):
+    """Commit the documents together, then one by-id index request each on the queue."""
+    documents = [NewContent(d.id, d.text, d.metadata) for d in body.documents]
+    result = container.document_service().import_documents(content_type, documents, context=_context())
+    return _json(202, result)
+
+
+@app.post(
+    "/v1/search",
+    summary="Semantic search over one content type",
+    description=(
+        "Embeds the query with the model of the content type's active collection and returns the nearest "
+        "live documents, best first: for a private content type only the caller's tenant's (and shared) "
+        "documents. `include` reads text and metadata from the content store in one query; a hit whose "
+        "document was deleted meanwhile is left out. A content type with nothing indexed yet has no hits."
+    ),
+    responses={
+        200: _ok("Hits, best first", SearchResponse),
+        **_CONTENT_ERRORS,
+        404: _error("Unknown content type (`content_type_not_found`)"),
+        429: _error("Rate limited; see Retry-After"),
+        503: _error("No provider, the vector store or the content store could answer"),
+    },
+)
+def search(request: SearchRequest):
+    """The nearest documents to the query, with the fields asked for."""
+    body = container.document_search().search(
+        request.content_type,
+        request.query,
+        request.top_k,
+        context=_context(),
+        filters=request.filters,
+        include=request.include or (),
+    )
+    container.cache().flush(timeout=CACHE_FLUSH_SECONDS)  # the query's vector, as after /v1/embeddings
+    return _json(200, body)
 
 
 @app.exception_handler(RequestValidationError)

@@ -107,7 +107,11 @@ def http_error_response(status: int, message: str, code: str | None = None) -> R
 def validation_error_response(errors: list[dict]) -> Response:
     """Pydantic's validation errors, told as OpenAI tells them: one message, the offending parameter."""
     first = errors[0] if errors else {}
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    # Where pydantic found it (body, path, query, header) is not part of the parameter's name; only the
+    # first element says where (a body field may well be called "query").
+    loc = [str(part) for part in first.get("loc", ())]
+    if loc and loc[0] in ("body", "path", "query", "header"):
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         message = "We could not parse the JSON body of your request."
         param = None

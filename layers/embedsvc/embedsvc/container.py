@@ -192,7 +192,115 @@ def indexer():
         s = settings()
         marks = DeadLetterMarks(s.state_table, client("dynamodb"))
         return Indexer(
-            s, embedding_service(), vector_store(), DeadLetterQueue(s.index_dlq_url, client("sqs"), marks)
+            s,
+            embedding_service(),
+            vector_store(),
+            DeadLetterQueue(s.index_dlq_url, client("sqs"), marks),
+            store=content_store() if has_content_store() else None,
         )
 
     return _get("indexer", build)
+
+
+def database():
+    """The content store's Postgres: DATABASE_URL (local) or the RDS secret DATABASE_SECRET_ARN (AWS)."""
+
+    def build():
+        from embedsvc.adapters.postgres import ConnectionSettings, Database
+        from embedsvc.errors import ConfigError
+
+        s = settings()
+        if s.database_url:
+            return Database(ConnectionSettings.from_url(s.database_url))
+        if s.database_secret_arn:
+            import json
+
+            from embedsvc.adapters.aws import get_secret
+
+            secret = json.loads(get_secret(s.database_secret_arn))
+            return Database(ConnectionSettings.from_secret(secret, ssl_mode=s.database_ssl_mode))
+        raise ConfigError("no content store is configured: set DATABASE_URL or DATABASE_SECRET_ARN")
+
+    return _get("database", build)
+
+
+def content_store():
+    def build():
+        from embedsvc.adapters.content_store import ContentStore
+
+        return ContentStore(database(), settings().content_types)
+
+    return _get("content_store", build)
+
+
+def has_content_store() -> bool:
+    """Whether this process is configured with a content store (the worker then loads rows by id)."""
+    s = settings()
+    return bool(s.database_url or s.database_secret_arn)
+
+
+def index_queue():
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.adapters.index_queue import IndexQueue
+
+        return IndexQueue(settings().index_queue_url, client("sqs"))
+
+    return _get("index_queue", build)
+
+
+def document_service():
+    """Write-through indexing of the content store (the /v1/documents routes)."""
+
+    def build():
+        from embedsvc.services.documents import DocumentService
+
+        return DocumentService(
+            settings(), content_store(), embedding_service(), vector_store(), index_queue()
+        )
+
+    return _get("document_service", build)
+
+
+def repair_job():
+    """The hourly repair: content changed since its checkpoint, checked against Qdrant itself."""
+
+    def build():
+        from embedsvc.services.repair import RepairJob
+
+        return RepairJob(content_store(), vector_store(), index_queue(), settings(), metrics=ops_metrics())
+
+    return _get("repair_job", build)
+
+
+def audit_job():
+    """The weekly audit: content and points merge-joined per collection, gaps queued, orphans removed."""
+
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.audit import AuditJob, S3AuditReports
+
+        s = settings()
+        reports = S3AuditReports(s.audit_reports_bucket, client("s3")) if s.audit_reports_bucket else None
+        return AuditJob(
+            content_store(),
+            vector_store(),
+            index_queue(),
+            reports,
+            s,
+            ops_metrics(),
+            orphan_max_share=s.audit_orphan_max_share,
+        )
+
+    return _get("audit_job", build)
+
+
+def document_search():
+    """`/v1/search`: the search service plus the content store's view of each hit."""
+
+    def build():
+        from embedsvc.services.document_search import DocumentSearch
+
+        return DocumentSearch(settings(), content_store(), search_service())
+
+    return _get("document_search", build)

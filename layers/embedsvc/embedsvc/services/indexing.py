@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from aws_lambda_powertools import Logger
 from pydantic import ValidationError
 
+from embedsvc.adapters.content_store import ContentRow, ContentStore, content_point_id
 from embedsvc.adapters.qdrant import Point, VectorStore, collection_name, point_id
 from embedsvc.config import Settings
 from embedsvc.errors import EmbedServiceError, PermanentMessageError
 from embedsvc.models.messages import SUPPORTED_SCHEMA_VERSIONS, IndexMessage
 from embedsvc.observability import CallContext
 from embedsvc.services.embedding import EmbeddingService
+from embedsvc.services.index_points import live_payload, tombstone_payload
+from embedsvc.services.index_points import tombstone_vector as tombstone_vector
 from embedsvc.services.ratelimit import Lane
 
 logger = Logger(child=True)
@@ -58,7 +61,18 @@ class _Unit:
     model_key: str
     collection: str
     point_id: str
-    updated_at_ms: int
+    updated_at_ms: int  # the ordering key: Postgres's row version when `row` is set, else a time in ms
+    row: ContentRow | None = None  # the content store's current row: the truth this unit indexes
+
+    @property
+    def version_field(self) -> str:
+        return "version" if self.row is not None else "updated_at"
+
+    def stored_version(self, payload: dict | None) -> int:
+        """The stored point's version on this unit's scale (-1 when there is no point)."""
+        if payload is None:
+            return -1
+        return int(payload.get(self.version_field) or 0)
 
 
 def content_hash(text: str) -> str:
@@ -69,8 +83,14 @@ class PermanentError(PermanentMessageError):
     """This message can never succeed as written."""
 
 
-def parse_message(body: str, settings: Settings) -> IndexMessage:
-    """A validated message, or PermanentError with a reason a producer can act on."""
+def parse_message(
+    body: str, settings: Settings, *, stored_types: frozenset[str] = frozenset()
+) -> IndexMessage:
+    """A validated message, or PermanentError with a reason a producer can act on.
+
+    For `stored_types` (content types the content store holds) a message names content by id: its
+    text, if any, is ignored, since the row is the truth.
+    """
     try:
         raw = json.loads(body)
     except ValueError as exc:
@@ -89,7 +109,7 @@ def parse_message(body: str, settings: Settings) -> IndexMessage:
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
         )
         raise PermanentError(f"invalid message: {problems}") from exc
-    if not message.delete:
+    if not message.delete and message.content_type not in stored_types:
         if message.text is None:
             raise PermanentError("text is required: no content store is configured to load it from")
         if not message.text.strip():
@@ -102,11 +122,6 @@ def parse_message(body: str, settings: Settings) -> IndexMessage:
     return message
 
 
-def tombstone_vector(dimensions: int) -> list[float]:
-    """Any valid vector: a tombstone is never searched (search filters `deleted`), only compared by version."""
-    return [1.0] + [0.0] * (dimensions - 1)
-
-
 class Indexer:
     def __init__(
         self,
@@ -115,6 +130,7 @@ class Indexer:
         vectors: VectorStore,
         dead_letter: Callable[[list[tuple[Incoming, str]]], list[str]],
         clock: Callable[[], float] = time.time,
+        store: ContentStore | None = None,
     ):
         self.settings = settings
         self.embeddings = embeddings
@@ -123,6 +139,10 @@ class Indexer:
             dead_letter  # sends (message, reason) pairs to the DLQ; returns ids it could not send
         )
         self.clock = clock
+        # With a content store, messages for its content types are requests by id: the worker reads the
+        # current row (a stale message indexes the current text; a deleted row leaves a tombstone).
+        self.store = store
+        self.stored_types = frozenset(store.content_types) if store is not None else frozenset()
 
     def process(self, batch: Sequence[Incoming], *, deadline: float | None = None) -> BatchOutcome:
         """Index a batch; the outcome says which messages to retry and which went to the DLQ.
@@ -135,7 +155,9 @@ class Indexer:
         parsed: list[tuple[Incoming, IndexMessage]] = []
         for incoming in batch:
             try:
-                parsed.append((incoming, parse_message(incoming.body, self.settings)))
+                parsed.append(
+                    (incoming, parse_message(incoming.body, self.settings, stored_types=self.stored_types))
+                )
             except PermanentError as exc:
                 poison.append((incoming, exc.message))
         failed: dict[str, str] = {}  # message id -> transient reason
@@ -144,17 +166,31 @@ class Indexer:
         self._dead_letter(poison, failed, outcome)
 
         now_ms = int(self.clock() * 1000)
+        rows = self._current_rows(parsed, failed, permanent)
         latest: dict[tuple[str, str], _Unit] = {}
         for incoming, message in parsed:
-            version = message.updated_at_epoch_ms() if message.updated_at else (incoming.sent_at_ms or now_ms)
+            if incoming.message_id in failed or incoming.message_id in permanent:
+                continue
+            row: ContentRow | None = None
+            if message.content_type in self.stored_types:
+                row = rows[incoming.message_id]
+                message = self._as_row(message, row)
+                version = row.version
+                pid = row.point_id
+            else:
+                version = (
+                    message.updated_at_epoch_ms() if message.updated_at else (incoming.sent_at_ms or now_ms)
+                )
+                pid = point_id(message.content_type, message.id)
             for model_key in message.models or self.settings.models_for(message.content_type):
                 unit = _Unit(
                     incoming.message_id,
                     message,
                     model_key,
                     collection_name(message.content_type, model_key),
-                    point_id(message.content_type, message.id),
+                    pid,
                     version,
+                    row,
                 )
                 # Newest wins per (collection, point): a message aimed at other collections is not superseded.
                 key = (unit.collection, unit.point_id)
@@ -173,6 +209,51 @@ class Indexer:
         for message_id, reason in failed.items():
             logger.info("message will be retried", extra={"message_id": message_id, "reason": reason})
         return outcome
+
+    def _current_rows(
+        self,
+        parsed: list[tuple[Incoming, IndexMessage]],
+        failed: dict[str, str],
+        permanent: dict[str, str],
+    ) -> dict[str, ContentRow]:
+        """The current row of each by-id message (message id -> row), one query per content type."""
+        wanted: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for incoming, message in parsed:
+            if message.content_type in self.stored_types:
+                assert self.store is not None
+                owner = message.owner_id if self.store.is_private(message.content_type) else None
+                pid = content_point_id(message.content_type, message.id, owner)
+                wanted[message.content_type][pid].append(incoming.message_id)
+        found: dict[str, ContentRow] = {}
+        for content_type, by_point in wanted.items():
+            assert self.store is not None
+            try:
+                rows = self.store.rows_by_point(content_type, list(by_point))
+            except EmbedServiceError as exc:
+                for message_ids in by_point.values():
+                    failed.update({mid: exc.message for mid in message_ids})
+                continue
+            for pid, message_ids in by_point.items():
+                for mid in message_ids:
+                    if pid in rows:
+                        found[mid] = rows[pid]
+                    else:
+                        permanent[mid] = (
+                            f"no {content_type} with this id (and owner, for private types) in the content store"
+                        )
+        return found
+
+    @staticmethod
+    def _as_row(message: IndexMessage, row: ContentRow) -> IndexMessage:
+        """The message as the row says it is now: its text, owner, metadata, and whether it is deleted."""
+        return message.model_copy(
+            update={
+                "text": row.text,
+                "owner_id": row.owner_id,
+                "metadata": row.metadata,
+                "delete": row.deleted,
+            }
+        )
 
     def _dead_letter(
         self, items: list[tuple[Incoming, str]], failed: dict[str, str], outcome: BatchOutcome
@@ -221,9 +302,11 @@ class Indexer:
                 continue
             for unit in members:
                 existing = stored.get(unit.point_id)
-                stored_version = int(existing.get("updated_at", 0)) if existing else -1
+                stored_version = unit.stored_version(existing)
                 if stored_version > unit.updated_at_ms:
                     outcome.stale += 1
+                elif unit.message.delete and existing and existing.get("deleted") and unit.row is not None:
+                    outcome.unchanged += 1  # the tombstone of this version (or a newer one) is already there
                 elif unit.message.delete:
                     # A tombstone, not a removal: it remembers the delete's version, so an older
                     # update delivered late cannot bring the content back.
@@ -280,13 +363,20 @@ class Indexer:
                 failed.update({by_point[p.id]: "out of time before the vector write" for p in points})
                 continue
             try:
-                self.vectors.upsert(collection, points)
+                self._write(collection, points)
                 outcome.indexed += len(points)
             except EmbedServiceError as exc:
                 failed.update({by_point[p.id]: exc.message for p in points})
         for collection, members in refresh.items():
             try:
-                self.vectors.set_payloads(collection, {u.point_id: self._payload(u) for u in members})
+                versioned = [u for u in members if u.row is not None]
+                if versioned:
+                    # Conditional on the stored version, like every write of store-backed content.
+                    self.vectors.overwrite_payloads_if_newer(
+                        collection, {u.point_id: self._payload(u) for u in versioned}
+                    )
+                legacy = {u.point_id: self._payload(u) for u in members if u.row is None}
+                self.vectors.set_payloads(collection, legacy)
                 outcome.refreshed += len(members)
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in members})
@@ -295,7 +385,7 @@ class Indexer:
             try:
                 # The whole point is replaced, vector included: a tombstone must not keep the embedding of
                 # content its owner deleted.
-                self.vectors.upsert(
+                self._write(
                     collection,
                     [Point(u.point_id, tombstone_vector(dimensions), self._tombstone(u)) for u in entries],
                 )
@@ -303,7 +393,16 @@ class Indexer:
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in entries})
 
+    def _write(self, collection: str, points: list[Point]) -> None:
+        """Store-backed points are written only over older versions (closing the read-then-write race)."""
+        versioned = [p for p in points if "version" in p.payload]
+        if versioned:
+            self.vectors.upsert_if_newer(collection, versioned)
+        self.vectors.upsert(collection, [p for p in points if "version" not in p.payload])
+
     def _payload(self, unit: _Unit) -> dict:
+        if unit.row is not None:
+            return live_payload(unit.row, unit.model_key, int(self.clock() * 1000))
         return {
             "id": unit.message.id,
             "content_type": unit.message.content_type,
@@ -317,6 +416,8 @@ class Indexer:
         }
 
     def _tombstone(self, unit: _Unit) -> dict:
+        if unit.row is not None:
+            return tombstone_payload(unit.row, unit.model_key, int(self.clock() * 1000))
         return {
             "id": unit.message.id,
             "content_type": unit.message.content_type,

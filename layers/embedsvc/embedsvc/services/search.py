@@ -11,7 +11,7 @@ content type's alias `{content_type}` or a collection `{content_type}_{model_key
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from embedsvc.errors import InvalidRequest, VectorStoreUnavailable
 from embedsvc.services.ratelimit import Lane
 
 if TYPE_CHECKING:
-    from embedsvc.adapters.qdrant import Hit, VectorStore
+    from embedsvc.adapters.qdrant import FilterValue, Hit, VectorStore
     from embedsvc.config import Settings
     from embedsvc.observability import CallContext
     from embedsvc.services.embedding import EmbeddingService
@@ -69,12 +69,14 @@ class SearchService:
         context: CallContext,
         lane: Lane = Lane.REALTIME,
         owner_id: str | None = None,
+        filters: Mapping[str, FilterValue] | None = None,
         truncate: bool = True,
     ) -> list[list[Hit]]:
         """Each query's nearest `limit` hits in a collection or alias, best first.
 
         The queries are embedded through the cache and paid for by `context` on `lane`; with
-        `owner_id`, only that tenant's content and shared content is found. Over-long queries are
+        `owner_id`, only that tenant's content and shared content is found; with `filters`, only hits
+        whose metadata has those values (see `VectorStore.search`). Over-long queries are
         truncated to the model's window unless `truncate` is False.
         """
         if not query_texts:
@@ -85,7 +87,7 @@ class SearchService:
             list(query_texts), model_key, context=context, lane=lane, truncate=truncate
         )
         return [
-            self.vectors.search(collection, vector, limit=limit, owner_id=owner_id)
+            self.vectors.search(collection, vector, limit=limit, owner_id=owner_id, filters=filters)
             for vector in result.vectors
         ]
 
