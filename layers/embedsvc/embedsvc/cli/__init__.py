@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from embedsvc.cli.consistency import add_consistency_parsers
+from embedsvc.cli.db import add_db_parser
 from embedsvc.cli.demo import add_demo_parser, cmd_demo
 from embedsvc.cli.enqueue import add_enqueue_parser
 from embedsvc.cli.keys import add_keys_parser
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_keys_parser(commands)
     add_enqueue_parser(commands)
+    add_db_parser(commands)
+    add_consistency_parsers(commands)
     try:
         from embedsvc.cli.eval import add_eval_parser
     except ImportError:  # an install without the evaluation's dependencies still runs the other commands
