@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: help install demo serve test test-fast lint lint-template openapi bench-api bench-ratelimit bench-worker eval-scifact clean
+.PHONY: help install demo serve test test-fast lint lint-template openapi bench-api bench-ratelimit bench-worker bench-audit bench-write-through db-upgrade eval-scifact clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -29,7 +29,7 @@ demo: install  ## the main job on the embedded defaults: embed verses via the AP
 serve: install  ## serve the API on http://127.0.0.1:$$PORT/v1 (default 3000) with the queue worker
 	$(VENV)/bin/embedsvc serve $(SERVE_ARGS)
 
-test: install  ## unit, contract, integration and e2e tests (Postgres at 127.0.0.1:5432 not needed yet)
+test: install  ## unit, contract, integration and e2e tests (Postgres: DATABASE_URL, else 127.0.0.1:5432, else embedded)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install  ## tests without the slow (model-loading, subprocess) ones
@@ -60,6 +60,15 @@ bench-ratelimit: install  ## 16 workers, two tenants, contended realtime, skewed
 
 bench-worker: install  ## 2,000 messages through the worker vs the direct floor
 	$(PY) benchmarks/bench_worker.py
+
+bench-audit: install  ## the weekly audit on 10k/50k/100k rows and points with 1,000 missing, orphaned and stale planted
+	$(PY) benchmarks/bench_audit.py $(BENCH_ARGS)
+
+bench-write-through: install  ## 500 PUTs with text-embedding-3-small through the simulator vs max(commit, embed) + upsert
+	$(PY) benchmarks/bench_write_through.py $(BENCH_ARGS)
+
+db-upgrade: install  ## apply the content store's migrations to DATABASE_URL
+	$(VENV)/bin/embedsvc db upgrade
 
 eval-scifact: install  ## reproduce the published all-MiniLM-L6-v2 numbers on BEIR SciFact (train)
 	$(VENV)/bin/embedsvc eval --corpus ../shared/data/scifact/corpus.jsonl --queries ../shared/data/scifact/queries.jsonl \

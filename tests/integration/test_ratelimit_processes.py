@@ -285,8 +285,9 @@ def test_eight_processes_under_dynamodb_throttling_stay_within_the_limit(endpoin
         assert sum(r["fallback_grants"] for r in reports) > 0  # some grants came from memory
     else:
         assert sum(r["fallback_grants"] for r in reports) == 0 and sum(r["shed"] for r in reports) > 0
-    # The budget was contended: the processes asked for more than the provider grants.
-    assert sum(r["overloaded"] for r in reports) > 0 and sum(r.tokens for r in records) > 2 * TPM
+    # The budget was contended: the processes asked for more than the provider grants (refusals), and more
+    # than one window's budget reached the provider, so the limit held across windows, not in one.
+    assert sum(r["overloaded"] for r in reports) > 0 and sum(r.tokens for r in records) > 1.5 * TPM
 
 
 @pytest.mark.slow
@@ -302,4 +303,4 @@ def test_skewed_clocks_late_arrivals_and_a_provider_counting_differently_stay_wi
     assert sum(1 for r in records if r.status == 429) == 0
     assert most_tokens <= TPM and most_requests <= RPM
     assert sum(r["reconcile_writes"] for r in reports) > 0  # the provider's counts replaced the estimates
-    assert sum(r["overloaded"] for r in reports) > 0 and sum(r.tokens for r in records) > 2 * TPM
+    assert sum(r["overloaded"] for r in reports) > 0 and sum(r.tokens for r in records) > 1.5 * TPM

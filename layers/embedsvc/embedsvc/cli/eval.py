@@ -463,7 +463,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from embedsvc.local.stack import LocalStack
 
     _stderr(f"starting the embedded local stack in {workdir} (Qdrant on disk in {workdir / 'qdrant'})")
-    with LocalStack(workdir, serve_api=False):
+    with LocalStack(workdir, serve_api=False, content_store=False):  # the corpus is indexed from files
         return _run_cli(args, workdir, aws=False)
 
 

@@ -15,6 +15,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with LocalStack(args.workdir, port=args.port, run_poller=not args.no_worker) as stack:
         print(f"serving {stack.api_url}  (API key: $LOCAL_API_KEY, default {stack.api_key!r})", flush=True)
+        if stack.database is not None:
+            # Never the URL itself: it may hold a password.
+            print(f"content store: Postgres ({stack.database.kind}, see README 'Local Postgres')", flush=True)
         print("index queue worker: " + ("off" if args.no_worker else "on") + "; Ctrl-C stops", flush=True)
         try:
             while True:

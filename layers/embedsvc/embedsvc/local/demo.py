@@ -2,16 +2,21 @@
 
 1. embeds Bible verses through the API with the official `openai` SDK (progress shown);
 2. embeds them again: every vector now comes from the cache, at no provider cost;
-3. indexes them through IndexQueue -> worker -> Qdrant (local mode, on disk);
-4. runs a few semantic queries against Qdrant;
-5. evaluates retrieval on the OpenBible topical ground truth (when the evaluation package is present);
-6. prints tokens and cost by source.
+3. commits them to the content store (Postgres) with `POST /v1/documents/verse:import`, which queues
+   their indexing: IndexQueue -> worker (reads each row by id) -> Qdrant (local mode, on disk);
+4. runs a few semantic queries through `POST /v1/search`;
+5. writes private notes with `PUT /v1/documents/note/{id}` and shows another tenant cannot find them;
+6. breaks the index on purpose (vectors dropped, orphans added, a verse corrected in Postgres directly,
+   saves while Qdrant is down), runs the audit and the repair, and shows every gap close;
+7. evaluates retrieval on the OpenBible topical ground truth (when the evaluation package is present);
+8. prints tokens and cost by source.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from embedsvc.local import demo_content
 from embedsvc.local.stack import ROOT, LocalStack
 
 DATA = ROOT.parent / "shared" / "data"
@@ -130,87 +136,61 @@ def run(argv: list[str] | None = None) -> int:
             f"   {hits:,}/{len(verses):,} cache hits, {time.perf_counter() - t0:.1f}s (first pass {first:.1f}s)"
         )
 
-        print("\n3. Indexing through IndexQueue -> EmbedWorkerFunction -> Qdrant")
+        print(
+            f"\n3. Content store (Postgres: {stack.database.kind}) -> IndexQueue -> EmbedWorkerFunction -> Qdrant"
+        )
         index_through_queue(stack, verses)
 
-        print("\n4. Semantic search (query embedded through the API, searched in Qdrant)")
-        search_examples(client, args.model, verses)
+        print("\n4. Semantic search: POST /v1/search (the query embedded through the router and cache)")
+        search_examples(stack)
+
+        print("\n5. Private notes: write-through, visible to their owner only")
+        demo_content.private_notes(stack)
+
+        print("\n6. Consistency: break the index on purpose, then audit and repair")
+        healed = demo_content.break_and_heal(stack, verses, random.Random(11))
 
         if not args.skip_eval:
-            print("\n5. Retrieval quality on OpenBible topics (weak, crowd-made ground truth)")
+            print("\n7. Retrieval quality on OpenBible topics (weak, crowd-made ground truth)")
             evaluate_topics(verses)
 
-        print("\n6. Tokens and cost by source")
+        print("\n8. Tokens and cost by source")
         print_costs()
-    return 0
-
-
-def index_message(verse: dict) -> str:
-    return json.dumps(
-        {
-            "schema_version": 1,
-            "content_type": "verse",
-            "id": verse["id"],
-            "text": verse["text"],
-            "metadata": {
-                "book": verse["book"],
-                "chapter": verse["chapter"],
-                "verse": verse["verse"],
-                "translation": "BSB",
-            },
-            "source": "verse_index",
-            "task_id": "demo-index",
-            "priority": "bulk",
-        }
-    )
+    return 0 if healed["gaps_after"] == 0 else 1
 
 
 def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
     from embedsvc import container
-    from embedsvc.adapters.aws import client as aws_client
 
-    sqs = aws_client("sqs")
-    queue_url = container.settings().index_queue_url
     poller = stack.make_poller()
     sys.stderr.write(
         f"  worker batch size {poller.batch_size}, batching window {poller.window}s (from template.yaml)\n"
     )
     started = time.perf_counter()
-    # Produce in waves of one batch and drain each: moto's SQS receive costs grow with queue depth
-    # (real SQS's do not), so the demo keeps the local queue short.
     with progress_bar(len(verses), "indexing   ") as bar:
-        for wave in batches(verses, poller.batch_size):
-            for chunk in batches(wave, 10):
-                entries = [{"Id": str(i), "MessageBody": index_message(v)} for i, v in enumerate(chunk)]
-                sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-            delivered = 0
-            # Stop at the wave's size instead of polling an empty queue for a whole batching window.
-            while delivered < len(wave) and (count := poller.poll_once()) > 0:
-                delivered += count
-                # poll_once counts redeliveries too: the bar stops when full.
-                bar.update(min(count, len(verses) - bar.n))
-    poller.drain(idle_polls=1)  # redeliveries of transient failures, if any
+        totals = demo_content.import_verses(stack, verses, bar)
     store = container.vector_store()
     collection = "verse_" + container.settings().models_for("verse")[0]
     print(
-        f"   {store.count(collection):,} points in collection {collection}, {poller.batches} worker batches, "
+        f"   {totals['committed']:,} verses committed, {totals['queued']:,} index requests queued; "
+        f"{store.count(collection):,} points in {collection}, {totals['worker_batches']} worker batches, "
         f"{time.perf_counter() - started:.1f}s"
     )
 
 
-def search_examples(client, model: str, verses: list[dict]) -> None:
-    from embedsvc import container
-
-    text_by_id = {v["id"]: v["text"] for v in verses}
-    store = container.vector_store()
-    collection = "verse_" + container.settings().models_for("verse")[0]
-    for query in QUERIES:
-        vector = client.embeddings.create(model=model, input=query).data[0].embedding
-        hits = store.search(collection, vector, limit=3)
-        print(f'   "{query}"')
-        for hit in hits:
-            text = text_by_id.get(hit.id, "")
-            print(f"     {hit.score:.3f}  {hit.id:<12} {text[:90]}{'...' if len(text) > 90 else ''}")
+def search_examples(stack: LocalStack) -> None:
+    with demo_content.api_client(stack) as api:
+        for query in QUERIES:
+            answer = api.post(
+                "/search", json={"query": query, "content_type": "verse", "top_k": 3, "include": ["text"]}
+            )
+            answer.raise_for_status()
+            print(f'   "{query}"')
+            for hit in answer.json()["data"]:
+                text = hit.get("text", "")
+                print(
+                    f"     {hit['score']:.3f}  {hit['id']:<12} {text[:90]}{'...' if len(text) > 90 else ''}"
+                )
 
 
 def evaluate_topics(verses: list[dict]) -> None:

@@ -91,6 +91,7 @@ class LocalStack:
         run_poller: bool = False,
         qdrant_in_memory: bool = False,
         extra_env: dict[str, str] | None = None,
+        content_store: bool = True,
     ):
         self.workdir = Path(workdir)
         self.api_key = api_key or os.environ.get("LOCAL_API_KEY") or DEFAULT_API_KEY
@@ -99,6 +100,8 @@ class LocalStack:
         self.run_poller = run_poller
         self.qdrant_in_memory = qdrant_in_memory
         self.extra_env = extra_env or {}
+        self.content_store = content_store
+        self.database: Any = None  # the LocalDatabase behind DATABASE_URL (see local/postgres.py)
         self.gateway: Any = None
         self.poller: Any = None
         self._moto: Any = None
@@ -133,6 +136,8 @@ class LocalStack:
             )
         )
         self._set_env(self.extra_env)
+        if self.content_store:
+            self._start_database()
         reset_settings()
         self._set_env(bootstrap(self.api_key))
         reset_settings()
@@ -156,6 +161,20 @@ class LocalStack:
         if self.run_poller:
             self.poller = self.make_poller().start()
         return self
+
+    def _start_database(self) -> None:
+        """DATABASE_URL if set; else a fresh database on 127.0.0.1:5432; else an embedded cluster. Migrated."""
+        from embedsvc.adapters.postgres import Database
+        from embedsvc.db.migrations import upgrade
+        from embedsvc.local.postgres import resolve_local_database
+
+        self.database = resolve_local_database(self.workdir)
+        db = Database.from_url(self.database.url)
+        try:
+            upgrade(db)
+        finally:
+            db.close()
+        self._set_env({"DATABASE_URL": self.database.url})
 
     def make_poller(self):
         """A poller for IndexQueue with the batch settings of template.yaml."""
@@ -185,6 +204,9 @@ class LocalStack:
         if self.gateway:
             self.gateway.stop()
         reset_settings()
+        if self.database is not None:
+            self.database.close()
+            self.database = None
         if self._moto:
             self._moto.stop()
         for key, value in self._saved_env.items():
