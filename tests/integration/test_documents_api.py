@@ -181,6 +181,20 @@ def test_put_with_qdrant_and_the_queue_down_is_pending_repair_and_the_row_is_kep
     assert row is not None and not row.deleted and row.version == put.body["version"]
     assert docs.drain() == []
 
+    # Qdrant and the queue are back: the hourly repair finds the row, the worker indexes it.
+    from embedsvc.adapters.qdrant import VectorStore
+    from embedsvc.services.indexing import Incoming, Indexer
+    from embedsvc.services.repair import RepairJob
+
+    vectors, queue = VectorStore.connect(), IndexQueue(docs.queue_url, client("sqs"))
+    settings, store = docs.container.settings(), docs.container.content_store()
+    assert RepairJob(store, vectors, queue, settings).run("verse").as_dict()["queued"] == 1
+    indexer = Indexer(settings, docs.container.embedding_service(), vectors, lambda items: [], store=store)
+    requests = [Incoming(f"m{i}", json.dumps(m)) for i, m in enumerate(docs.drain())]
+    assert indexer.process(requests).indexed == 1
+    payload = vectors.payloads("verse_small", [row.point_id])[row.point_id]
+    assert (payload["version"], payload["content_hash"]) == (row.version, row.content_hash)
+
 
 def test_delete_then_get_is_404_and_search_no_longer_finds_it(docs):
     text = "Jesus wept."
@@ -622,3 +636,42 @@ def test_every_mutation_reaches_the_active_and_the_shadow_collection(docs, monke
     pid = docs.row("verse", "v1").point_id
     for collection in ("verse_small", "verse_te3s"):
         assert vectors.payloads(collection, [pid])[pid]["deleted"] is True
+
+
+def test_concurrent_saves_of_one_document_leave_the_newest_vector(docs):
+    """Eight threads save one verse: whatever order their vector writes land in, the newest version wins."""
+    import threading
+
+    answers: list[Answer] = []
+    lock = threading.Lock()
+
+    def save(n: int) -> None:
+        for k in range(3):
+            answer = docs.put("verse", "hot", f"version {n}-{k} of the verse")
+            with lock:
+                answers.append(answer)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(a.status == 200 for a in answers)
+    assert sorted(a.body["version"] for a in answers) == list(range(1, 25))
+    row = docs.row("verse", "hot")
+    payload = docs.container.vector_store().payloads("verse_small", [row.point_id])[row.point_id]
+    assert (
+        (payload["version"], payload["content_hash"])
+        == (row.version, row.content_hash)
+        == (24, row.content_hash)
+    )
+
+
+def test_searches_read_the_content_types_alias(docs):
+    """The first save creates the alias `verse` -> the active collection; a search names the collection it read."""
+    docs.put("verse", "v1", "In the beginning")
+    vectors = docs.container.vector_store()
+    assert vectors.alias_target("verse") == "verse_small"
+    vectors.ensure_alias("verse", "verse_other")  # never moves an alias that exists
+    assert vectors.alias_target("verse") == "verse_small"
+    assert docs.search("In the beginning").body["collection"] == "verse_small"

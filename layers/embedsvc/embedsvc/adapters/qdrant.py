@@ -135,6 +135,7 @@ class VectorStore:
         self.client = client
         self.local = local
         self._known: set[str] = set()
+        self._aliased: set[str] = set()  # aliases known to exist (ensure_alias)
         self._lock = threading.Lock()
 
     @classmethod
@@ -160,6 +161,7 @@ class VectorStore:
                 # seen it, so the next try recreates it instead of failing for the process's life.
                 with self._lock:
                     self._known.clear()
+                    self._aliased.clear()
             raise VectorStoreUnavailable(f"qdrant {what} failed: {exc!r}") from exc
 
     def ensure_collection(self, name: str, dimensions: int) -> None:
@@ -464,6 +466,24 @@ class VectorStore:
                 )
             ],
         )
+
+    def ensure_alias(self, alias: str, collection: str) -> None:
+        """Create `alias` -> `collection` if the alias does not exist yet; never moves an existing one.
+
+        Readers search a content type through its alias, so that a migration's cutover is one atomic
+        alias switch. Checked once per process; two processes racing to create it both succeed.
+        """
+        with self._lock:
+            if alias in self._aliased:
+                return
+        if self.alias_target(alias) is None:
+            try:
+                self.create_alias(alias, collection)
+            except VectorStoreUnavailable:
+                if self.alias_target(alias) is None:  # not a lost race: a real failure
+                    raise
+        with self._lock:
+            self._aliased.add(alias)
 
     def switch_alias(self, alias: str, collection: str) -> None:
         """Point an alias at `collection` atomically: Delete + Create in one aliases request.

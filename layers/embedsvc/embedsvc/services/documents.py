@@ -155,6 +155,8 @@ class DocumentService:
             try:
                 vector = embedded[key].result()
                 self.vectors.ensure_collection(collection, self.settings.registry.models[key].dimensions)
+                if (key, collection) == targets[0]:  # the active collection: what searches read
+                    self.vectors.ensure_alias(content_type, collection)
                 self.vectors.upsert_if_newer(
                     collection, [Point(row.point_id, vector, live_payload(row, key, indexed_at))]
                 )

@@ -296,6 +296,12 @@ class Indexer:
             model = self.settings.registry.models[members[0].model_key]
             try:
                 self.vectors.ensure_collection(collection, model.dimensions)
+                content_type = members[0].message.content_type
+                if (
+                    content_type in self.stored_types
+                    and members[0].model_key == self.settings.models_for(content_type)[0]
+                ):
+                    self.vectors.ensure_alias(content_type, collection)  # searches read the alias
                 stored = self.vectors.payloads(collection, [u.point_id for u in members])
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in members})
