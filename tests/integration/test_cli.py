@@ -49,3 +49,10 @@ def test_enqueue_validates_every_line_and_sends_the_good_ones(queue, tmp_path, c
         QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"]
     )
     assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "12"
+
+
+def test_keys_refuse_tenant_ids_longer_than_a_tag(aws, capsys):
+    from embedsvc.cli import main
+
+    assert main(["keys", "create", "--tenant", "t" * 129, "--user", "u"]) == 2
+    assert "tenant id must have 1 to 128 characters" in capsys.readouterr().err

@@ -155,3 +155,18 @@ def test_urls_parse(url, expected):
 def test_a_secret_without_credentials_is_a_config_error():
     with pytest.raises(ConfigError, match="password"):
         ConnectionSettings.from_secret({"host": "h", "username": "u"})
+
+
+def test_a_connection_idle_too_long_is_checked_and_replaced(content_db):
+    """RDS Proxy closes idle client connections: the pool pings an old one and opens another instead."""
+    import time
+
+    from embedsvc.adapters.postgres import IDLE_CHECK_SECONDS
+
+    with content_db.connection() as conn:
+        conn.run("SELECT 1")
+    _, stale = content_db._idle.get_nowait()
+    stale.close()  # what the proxy did while the container slept
+    content_db._idle.put((time.monotonic() - IDLE_CHECK_SECONDS - 1, stale))
+    with content_db.connection() as conn:
+        assert conn is not stale and conn.run("SELECT 1") == [[1]]

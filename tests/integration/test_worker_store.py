@@ -161,3 +161,26 @@ def test_a_delete_racing_index_requests_is_never_undone(worker):
         "verse_te3s", [Point(live.point_id, [0.1] * dimensions, live_payload(live, "te3s", 0))]
     )
     assert point(worker, "v9")["deleted"] is True
+
+
+def test_an_older_tombstone_is_rewritten_so_a_late_save_cannot_revive_the_content(worker):
+    """Delete (v3, tombstoned), save (v4, slow), delete (v5, its tombstone write failed, queued): the worker
+    rewrites the tombstone at v5, and the late v4 write is refused."""
+    from embedsvc.adapters.qdrant import Point
+    from embedsvc.services.index_points import live_payload
+
+    store = worker.content_store()
+    store.put("verse", "v1", text="first", metadata={}, owner_id=None)
+    store.put("verse", "v1", text="second", metadata={}, owner_id=None)
+    store.delete("verse", "v1", owner_id=None)  # v3
+    run(worker, by_id("v1"))
+    assert point(worker, "v1")["version"] == 3
+    saved = store.put("verse", "v1", text="third", metadata={}, owner_id=None)  # v4, its vector still coming
+    store.delete("verse", "v1", owner_id=None)  # v5, tombstone write failed: only the queued request
+    assert run(worker, by_id("v1")).deleted == 1
+    dimensions = worker.settings().registry.models["te3s"].dimensions
+    worker.vector_store().upsert_if_newer(
+        "verse_te3s", [Point(saved.point_id, [0.1] * dimensions, live_payload(saved, "te3s", 0))]
+    )
+    payload = point(worker, "v1")
+    assert payload["deleted"] is True and payload["version"] == 5

@@ -36,8 +36,11 @@ def content_hash(text: str) -> str:
 
 
 def content_point_id(content_type: str, content_id: str, owner_id: str | None) -> str:
-    """Public content keeps the point ids it always had; private content's id is scoped to its owner."""
-    return point_id(content_type, content_id if owner_id is None else f"{owner_id}/{content_id}")
+    """Public content keeps the point ids it always had; private content's id is scoped to its owner.
+
+    The pair is JSON-encoded, so no owner and id can spell another pair's name (`a/b` + `c` vs `a` + `b/c`).
+    """
+    return point_id(content_type, content_id if owner_id is None else json.dumps([owner_id, content_id]))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import contextlib
 import queue
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from embedsvc.errors import ConfigError, ContentStoreUnavailable, EmbedServiceError
 
 SSL_MODES = ("disable", "require", "verify-full")
+IDLE_CHECK_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -120,15 +122,12 @@ class Database:
             raise ContentStoreUnavailable("no Postgres connection became free in time")
         conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self.settings.connect()
+            conn = self._checkout()
             try:
                 yield conn
             except EmbedServiceError:
                 # The caller's own verdict (not found, forbidden) after a clean rollback: the connection is fine.
-                self._idle.put(conn)
+                self._idle.put((time.monotonic(), conn))
                 conn = None
                 raise
             except pg8000.exceptions.DatabaseError as exc:
@@ -140,13 +139,34 @@ class Database:
                 conn = None
                 raise ContentStoreUnavailable(f"Postgres connection failed: {type(exc).__name__}") from exc
             if conn is not None:
-                self._idle.put(conn)
+                self._idle.put((time.monotonic(), conn))
                 conn = None
         finally:
             if conn is not None:  # an exception other than the ones above: do not reuse it
                 with contextlib.suppress(Exception):
                     conn.close()
             self._slots.release()
+
+    def _checkout(self) -> Any:
+        """An idle connection that still answers, else a new one.
+
+        RDS Proxy and failovers close client connections that sat idle (IdleClientTimeout, 30 min by
+        default), and a Lambda container can sleep for longer than that: a connection idle for more than
+        IDLE_CHECK_SECONDS is pinged first, and replaced if the ping fails, instead of failing the caller.
+        """
+        while True:
+            try:
+                idle_since, conn = self._idle.get_nowait()
+            except queue.Empty:
+                return self.settings.connect()
+            if time.monotonic() - idle_since < IDLE_CHECK_SECONDS:
+                return conn
+            try:
+                conn.run("SELECT 1")
+                return conn
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -164,7 +184,7 @@ class Database:
     def close(self) -> None:
         while True:
             try:
-                conn = self._idle.get_nowait()
+                _, conn = self._idle.get_nowait()
             except queue.Empty:
                 return
             with contextlib.suppress(Exception):

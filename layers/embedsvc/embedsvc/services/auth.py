@@ -49,6 +49,13 @@ class ApiKeyStore:
 
     def create(self, *, tenant_id: str, user_id: str, name: str = "", key: str | None = None) -> str:
         """Register a key (a new random one unless given) and return it; only its hash is stored."""
+        from embedsvc.errors import InvalidRequest
+        from embedsvc.models.names import MAX_TAG_LENGTH
+
+        for name, value in (("tenant", tenant_id), ("user", user_id)):
+            # They travel in queue messages, cost records and (for private content) point ids: bounded.
+            if not value or len(value) > MAX_TAG_LENGTH:
+                raise InvalidRequest(f"{name} id must have 1 to {MAX_TAG_LENGTH} characters", param=name)
         key = key or generate_api_key()
         self.client.put_item(
             TableName=self.table_name,

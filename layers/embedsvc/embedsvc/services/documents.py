@@ -65,6 +65,11 @@ class WriteResult:
         }
 
 
+def _code(exc: Exception) -> str:
+    """What a log line may say of a failure: our error code, or the exception's class (never its text)."""
+    return exc.code if isinstance(exc, EmbedServiceError) else type(exc).__name__
+
+
 def index_source(content_type: str, allowed: list[str]) -> str:
     """The cost center of indexing a content type: `{type}_index` when configured (note_index), else reindex."""
     source = f"{content_type}_index"
@@ -160,10 +165,10 @@ class DocumentService:
                 self.vectors.upsert_if_newer(
                     collection, [Point(row.point_id, vector, live_payload(row, key, indexed_at))]
                 )
-            except EmbedServiceError as exc:
+            except Exception as exc:  # anything after the commit: the content is saved, its indexing queued
                 logger.warning(
                     "write-through indexing failed; queued",
-                    extra={"collection": collection, "point_id": row.point_id, "error": exc.code},
+                    extra={"collection": collection, "point_id": row.point_id, "error": _code(exc)},
                 )
                 failed = True
         return WriteResult(row, self._queue_if(failed, row, context, "realtime"), [c for _, c in targets])
@@ -185,10 +190,10 @@ class DocumentService:
                         row.point_id, tombstone_vector(dimensions), tombstone_payload(row, key, indexed_at)
                     )
                     self.vectors.upsert_if_newer(collection, [tombstone])
-            except EmbedServiceError as exc:
+            except Exception as exc:  # the row is deleted (search already hides it); the tombstone is queued
                 logger.warning(
                     "write-through delete failed; queued",
-                    extra={"collection": collection, "point_id": row.point_id, "error": exc.code},
+                    extra={"collection": collection, "point_id": row.point_id, "error": _code(exc)},
                 )
                 failed = True
         return WriteResult(row, self._queue_if(failed, row, context, "realtime"), [c for _, c in targets])

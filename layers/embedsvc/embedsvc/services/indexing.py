@@ -311,8 +311,16 @@ class Indexer:
                 stored_version = unit.stored_version(existing)
                 if stored_version > unit.updated_at_ms:
                     outcome.stale += 1
-                elif unit.message.delete and existing and existing.get("deleted") and unit.row is not None:
-                    outcome.unchanged += 1  # the tombstone of this version (or a newer one) is already there
+                elif (
+                    unit.message.delete
+                    and existing
+                    and existing.get("deleted")
+                    and unit.row is not None
+                    and stored_version >= unit.updated_at_ms
+                ):
+                    # The tombstone of this version is there. An older one is rewritten at this version:
+                    # a write-through save still in flight (an older version) could otherwise land over it.
+                    outcome.unchanged += 1
                 elif unit.message.delete:
                     # A tombstone, not a removal: it remembers the delete's version, so an older
                     # update delivered late cannot bring the content back.
