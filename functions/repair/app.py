@@ -12,6 +12,7 @@ Failures before any content type is checked (Secrets Manager, the settings) rais
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aws_lambda_powertools import Logger, Tracer
@@ -19,6 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from embedsvc import container
 
+STOP_SECONDS = 60.0
 logger = Logger()
 tracer = Tracer()
 
@@ -26,7 +28,10 @@ tracer = Tracer()
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
 def lambda_handler(event: Any, context: LambdaContext) -> dict:
-    report = container.repair_job().run()
+    # Stop a minute before the timeout: the checkpoint then moves to where the run got, and the next
+    # hourly run goes on from there (a first run over millions of rows may take several).
+    remaining = context.get_remaining_time_in_millis() / 1000
+    report = container.repair_job().run(deadline=time.monotonic() + max(remaining - STOP_SECONDS, 1.0))
     answer = report.as_dict()
     logger.info(
         "repair finished",

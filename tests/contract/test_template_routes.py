@@ -20,7 +20,11 @@ _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 def api_routes() -> list[tuple[str, str]]:
     template = yaml.load((ROOT / "template.yaml").read_text(), Loader=_Loader)
     api = template["Resources"]["ApiFunction"]["Properties"]["Events"]
-    return [(e["Properties"]["Method"].upper(), e["Properties"]["Path"]) for e in api.values() if e["Type"] == "Api"]
+    return [
+        (e["Properties"]["Method"].upper(), e["Properties"]["Path"])
+        for e in api.values()
+        if e["Type"] == "Api"
+    ]
 
 
 def test_one_variable_path_part_per_level():

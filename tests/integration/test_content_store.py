@@ -170,3 +170,13 @@ def test_a_connection_idle_too_long_is_checked_and_replaced(content_db):
     content_db._idle.put((time.monotonic() - IDLE_CHECK_SECONDS - 1, stale))
     with content_db.connection() as conn:
         assert conn is not stale and conn.run("SELECT 1") == [[1]]
+
+
+def test_a_gap_is_at_least_as_old_as_its_rows_last_change(store):
+    """A row changed two hours ago whose point never followed has lagged for two hours, not since the audit."""
+    pid = content_point_id("verse", "late", None)
+    now = store.now()
+    store.record_gaps("verse_minilm", {pid: "stale"}, {pid: now - timedelta(hours=2)})
+    assert store.oldest_gap("verse_minilm") == now - timedelta(hours=2)
+    store.record_gaps("verse_minilm", {pid: "stale"}, {pid: now - timedelta(minutes=5)})  # seen again
+    assert store.oldest_gap("verse_minilm") == now - timedelta(hours=2)  # the earliest stands

@@ -510,3 +510,25 @@ def test_cli_audit_and_repair_print_the_report_as_the_last_json_line(e, capsys):
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "missing" in table and VERSE in table
+
+
+def test_a_repair_out_of_time_resumes_where_it_got(e):
+    """A backlog bigger than one run: each run checkpoints its last page, the next goes on from there."""
+    import time
+
+    for i in range(7):
+        e.put(f"v{i}")  # none indexed: all missing
+    queued, runs = 0, 0
+    while True:
+        runs += 1
+        report = e.repair(page=3).run("verse", deadline=time.monotonic() - 1)  # out of time after a page
+        verse = report.content_types["verse"]
+        assert verse.checkpoint_advanced
+        queued += report.as_dict()["queued"]
+        if verse.complete:
+            break
+        assert runs < 10, "the repair does not make progress"
+    # Pages of 3 from where the last run got, the boundary row checked twice: 0-2, 2-4, 4-6, then 6 alone.
+    assert runs == 4 and queued == 10
+    assert sorted({m["id"] for m in e.drain()}) == [f"v{i}" for i in range(7)]
+    assert e.store.repair_progress("verse")[1] is True  # the last run was complete: the overlap applies again

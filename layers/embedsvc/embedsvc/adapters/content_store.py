@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from embedsvc.config import ContentTypeSpec
 
 _COLUMNS = "content_type, id, owner_id, text, metadata, content_hash, version, updated_at, deleted_at, point_id::text"
-_LIGHT_COLUMNS = "point_id::text, content_hash, version, deleted_at IS NOT NULL, id, owner_id"
+_LIGHT_COLUMNS = "point_id::text, content_hash, version, deleted_at IS NOT NULL, id, owner_id, updated_at"
 
 
 class UnknownContentType(InvalidRequest):
@@ -76,6 +76,11 @@ class PointState:
     deleted: bool
     id: str
     owner_id: str | None
+    updated_at: datetime | None = None  # when the row last changed: a gap it has cannot be older
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> PointState:
+        return cls(row[0], row[1], int(row[2]), bool(row[3]), row[4], row[5], row[6])
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,7 @@ class ContentStore:
                     n=page,
                 )
             for row in found:
-                yield PointState(row[0], row[1], int(row[2]), bool(row[3]), row[4], row[5])
+                yield PointState.from_row(row)
             if len(found) < page:
                 return
             after = found[-1][0]
@@ -227,7 +232,7 @@ class ContentStore:
                     **params,
                 )
             if found:
-                yield [PointState(r[0], r[1], int(r[2]), bool(r[3]), r[4], r[5]) for r in found]
+                yield [PointState.from_row(r) for r in found]
             if len(found) < page:
                 return
             cursor = (found[-1][6], found[-1][0])
@@ -247,35 +252,52 @@ class ContentStore:
     # Repair checkpoints and the audit's first-seen times live beside the content they describe.
 
     def repair_checkpoint(self, content_type: str) -> datetime | None:
+        """Where the last repair of this content type got (None before the first)."""
+        progress = self.repair_progress(content_type)
+        return progress[0] if progress else None
+
+    def repair_progress(self, content_type: str) -> tuple[datetime, bool] | None:
+        """(checkpoint, whether that run was complete), or None before the first repair."""
         with self.db.connection() as conn:
             found = conn.run(
-                "SELECT checked_until FROM repair_checkpoints WHERE content_type = :t", t=content_type
+                "SELECT checked_until, complete FROM repair_checkpoints WHERE content_type = :t",
+                t=content_type,
             )
-        return found[0][0] if found else None
+        return (found[0][0], bool(found[0][1])) if found else None
 
-    def set_repair_checkpoint(self, content_type: str, checked_until: datetime) -> None:
+    def set_repair_checkpoint(
+        self, content_type: str, checked_until: datetime, *, complete: bool = True
+    ) -> None:
         with self.db.connection() as conn:
             conn.run(
-                "INSERT INTO repair_checkpoints (content_type, checked_until) VALUES (:t, :c)"
+                "INSERT INTO repair_checkpoints (content_type, checked_until, complete) VALUES (:t, :c, :done)"
                 " ON CONFLICT (content_type) DO UPDATE SET checked_until = EXCLUDED.checked_until,"
-                " updated_at = clock_timestamp()",
+                " complete = EXCLUDED.complete, updated_at = clock_timestamp()",
                 t=content_type,
                 c=checked_until,
+                done=complete,
             )
 
-    def record_gaps(self, collection: str, gaps: Mapping[str, str]) -> None:
-        """Note inconsistencies seen now (point id -> kind); a gap seen before keeps its first-seen time."""
+    def record_gaps(
+        self, collection: str, gaps: Mapping[str, str], since: Mapping[str, datetime] | None = None
+    ) -> None:
+        """Note inconsistencies seen now (point id -> kind). A gap's first-seen time is the earliest of: when
+        an audit first saw it, and `since` (when its row last changed: the index has lagged since then)."""
         if not gaps:
             return
+        since = since or {}
         with self.db.connection() as conn:
             conn.run(
-                "INSERT INTO consistency_gaps (collection, point_id, kind)"
-                " SELECT :c, p, k FROM unnest(CAST(:p AS uuid[]), CAST(:k AS text[])) AS g(p, k)"
+                "INSERT INTO consistency_gaps (collection, point_id, kind, first_seen)"
+                " SELECT :c, p, k, LEAST(clock_timestamp(), COALESCE(f, clock_timestamp()))"
+                " FROM unnest(CAST(:p AS uuid[]), CAST(:k AS text[]), CAST(:f AS timestamptz[])) AS g(p, k, f)"
                 " ON CONFLICT (collection, point_id) DO UPDATE SET kind = EXCLUDED.kind,"
+                " first_seen = LEAST(consistency_gaps.first_seen, EXCLUDED.first_seen),"
                 " last_seen = clock_timestamp()",
                 c=collection,
                 p=list(gaps),
                 k=list(gaps.values()),
+                f=[since.get(pid) for pid in gaps],
             )
 
     def resolve_gaps(self, collection: str, seen_since: datetime) -> None:

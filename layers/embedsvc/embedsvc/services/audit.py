@@ -287,15 +287,18 @@ class AuditJob:
     ) -> list[tuple[str, Gap]] | None:
         """Count, record gaps and queue missing + stale rows; returns the orphan candidates (None: too many)."""
         gaps: dict[str, str] = {}
+        since: dict[str, datetime] = {}  # when each gap's row last changed: the gap is at least that old
         to_index: list[PointState] = []
         pending: list[tuple[str, Gap]] | None = []
         for finding in self._findings(audit, audit.counts, progress):
             gap = finding.gap
             if gap is not Gap.TOMBSTONE:
                 gaps[finding.point_id] = gap.value
+                if finding.row is not None and finding.row.updated_at is not None:
+                    since[finding.point_id] = finding.row.updated_at
                 if len(gaps) >= self.rows_page:
-                    self.store.record_gaps(audit.collection, gaps)
-                    gaps = {}
+                    self.store.record_gaps(audit.collection, gaps, since)
+                    gaps, since = {}, {}
             if dry_run:
                 continue
             if gap is Gap.MISSING or gap is Gap.STALE:
@@ -309,7 +312,7 @@ class AuditJob:
                     pending = None  # found again by a second walk, if the valve lets it act
                 else:
                     pending.append((finding.point_id, gap))
-        self.store.record_gaps(audit.collection, gaps)
+        self.store.record_gaps(audit.collection, gaps, since)
         self._send(audit, to_index, "queued")
         return pending
 

@@ -98,6 +98,7 @@ class ContentTypeRepair:
     since: datetime | None
     until: datetime | None = None
     checkpoint_advanced: bool = False
+    complete: bool = True  # False: the run's time ran out; the checkpoint moved to the last page checked
     error: str | None = None
     collections: dict[str, CollectionRepair] = field(default_factory=dict)
 
@@ -106,6 +107,7 @@ class ContentTypeRepair:
             "since": self.since.isoformat() if self.since else None,
             "until": self.until.isoformat() if self.until else None,
             "checkpoint_advanced": self.checkpoint_advanced,
+            "complete": self.complete,
             "error": self.error,
             "collections": {name: c.as_dict() for name, c in self.collections.items()},
         }
@@ -157,12 +159,25 @@ class RepairJob:
         self.metrics = metrics
         self.overlap = overlap
         self.page = page
+        self._deadline: float | None = None
         self.source = request_source(settings)
         if self.source != REPAIR_SOURCE:
             logger.warning("'repair' is not in COST_SOURCES; repair requests are sent as 'reindex'")
 
-    def run(self, content_type: str | None = None, *, progress: Progress | None = None) -> RepairReport:
-        """Check every configured content type (or one), each on its own checkpoint."""
+    def run(
+        self,
+        content_type: str | None = None,
+        *,
+        progress: Progress | None = None,
+        deadline: float | None = None,
+    ) -> RepairReport:
+        """Check every configured content type (or one), each on its own checkpoint.
+
+        `deadline` (time.monotonic) is when the run must stop: a first run over millions of rows, or the
+        backlog after a long outage, may not fit one invocation. The checkpoint then moves to the change
+        time of the last page checked, so the next run goes on from there instead of starting over.
+        """
+        self._deadline = deadline
         started = self.clock()
         report = RepairReport()
         names = [content_type] if content_type else list(self.settings.content_types)
@@ -179,8 +194,14 @@ class RepairJob:
         result = ContentTypeRepair(content_type, since=None)
         result.collections = {name: CollectionRepair() for name in collections.values()}
         try:
-            checkpoint = self.store.repair_checkpoint(content_type)
-            result.since = checkpoint - self.overlap if checkpoint is not None else None
+            progress_so_far = self.store.repair_progress(content_type)
+            if progress_so_far is None:
+                result.since = None  # the first run checks everything
+            else:
+                checkpoint, complete = progress_so_far
+                # A complete run's checkpoint is "now" then: a transaction open at that moment may commit
+                # rows stamped before it, hence the overlap. A partial one lies in the past: resume there.
+                result.since = checkpoint - self.overlap if complete else checkpoint
             result.until = until = self.store.now()
             # A collection that does not exist yet holds nothing: its rows are all missing (asking would fail).
             present = {model: self.vectors.exists(name) for model, name in collections.items()}
@@ -192,11 +213,22 @@ class RepairJob:
                     # The queue is refusing: stop here rather than push every page at it; the window stays.
                     result.error = f"IndexQueue did not take {unsent} request(s); checkpoint left in place"
                     break
+                more = len(rows) == self.page  # a short page is the window's last
+                if (
+                    more
+                    and self._deadline is not None
+                    and time.monotonic() >= self._deadline
+                    and rows[-1].updated_at
+                ):
+                    # Rows are in change-time order: everything up to this page's last time was checked; the
+                    # next run starts at that time (inclusive, so a row or two is checked twice, harmlessly).
+                    result.until, result.complete = rows[-1].updated_at, False
+                    break
         except EmbedServiceError as exc:
             result.error = f"{type(exc).__name__}: {exc.message}"
         if result.error is None:
             assert result.until is not None
-            self.store.set_repair_checkpoint(content_type, result.until)
+            self.store.set_repair_checkpoint(content_type, result.until, complete=result.complete)
             result.checkpoint_advanced = True
         else:
             logger.error(
