@@ -252,6 +252,7 @@ def test_pages_of_two_over_seven_points_give_each_once_a_page_at_a_time(store, m
         COLLECTION, [live(cid, n + 1, content_hash=f"h{n}") for n, cid in enumerate(content_ids)]
     )
     store.upsert_if_newer(COLLECTION, [tombstone("gone", 3)])
+    store.local = False  # the server's path: the public scroll, a page at a time (local mode sorts once)
     scrolls = spy(monkeypatch, store, "scroll")
     stream = store.scroll_ids(COLLECTION, page=2)
     first = next(stream)
@@ -422,3 +423,36 @@ def test_delete_collection_forgets_it_so_ensure_recreates_it(store):
     store.ensure_collection(COLLECTION, DIM)
     assert store.exists(COLLECTION)
     assert store.count(COLLECTION) == 0
+
+
+def test_local_modes_sorted_once_scroll_equals_the_public_scroll():
+    """The local fast path (ids sorted once) yields what `scroll` yields, page by page, on the same data."""
+    import uuid as uuid_module
+
+    from embedsvc.adapters.qdrant import Point, VectorStore
+
+    store = VectorStore.connect()
+    store.ensure_collection("congruent", 4)
+    points = [
+        Point(
+            str(uuid_module.UUID(int=(i * 7919) << 64, version=5)),
+            [1.0, 0.0, 0.0, 0.0],
+            {
+                "id": f"d{i}",
+                "version": i,
+                "content_hash": f"h{i}",
+                "deleted": i % 3 == 0,
+                "metadata": {"x": i},
+            },
+        )
+        for i in range(25)
+    ]
+    store.upsert("congruent", points)
+    store.delete("congruent", [points[5].id])
+    fast = list(store.scroll_ids("congruent", page=4))
+    assert store._local_collection("congruent") is not None  # the fast path ran
+    store.local = False  # what a server gets: the public scroll, page by page
+    slow = list(store.scroll_ids("congruent", page=4))
+    assert fast == slow and len(fast) == 24
+    assert [pid for pid, _ in fast] == sorted(pid for pid, _ in fast)
+    assert set(fast[0][1]) <= {"content_hash", "version", "deleted", "id", "owner_id"}  # no metadata
