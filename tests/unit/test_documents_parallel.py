@@ -69,6 +69,9 @@ class Vectors:
     def ensure_collection(self, name, dimensions):
         pass
 
+    def ensure_alias(self, alias, collection):
+        pass
+
     def upsert_if_newer(self, collection, points):
         self.written.append((collection, points[0].payload["version"]))
 
