@@ -73,8 +73,11 @@ def import_verses(stack: LocalStack, verses: list[dict], bar: Any) -> dict[str, 
             )
             totals["committed"] += answer["committed"]
             totals["queued"] += answer["queued"]
-            # Drain as we go: moto's SQS receive slows with queue depth (real SQS's does not).
-            while (count := poller.poll_once()) > 0:
+            # Drain as we go (moto's SQS receive slows with queue depth; real SQS's does not), and stop at
+            # the chunk's size instead of polling an empty queue for a whole batching window.
+            delivered = 0
+            while delivered < answer["queued"] and (count := poller.poll_once()) > 0:
+                delivered += count
                 bar.update(min(count, bar.total - bar.n))
     poller.drain(idle_polls=1)
     totals["worker_batches"] = poller.batches
