@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -233,7 +232,3 @@ def _demo_context():
     from embedsvc.observability import CallContext
 
     return CallContext(source="verse_index", user_id="local-user", tenant_id="local", task_id="demo-edits")
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
