@@ -282,7 +282,8 @@ class ContentStore:
         self, collection: str, gaps: Mapping[str, str], since: Mapping[str, datetime] | None = None
     ) -> None:
         """Note inconsistencies seen now (point id -> kind). A gap's first-seen time is the earliest of: when
-        an audit first saw it, and `since` (when its row last changed: the index has lagged since then)."""
+        an audit first saw it, and `since` (when its row last changed). A write that never reached the index
+        is exactly that old; a vector lost later is dated from the change too: the age errs towards alarming."""
         if not gaps:
             return
         since = since or {}

@@ -66,7 +66,9 @@ def import_verses(stack: LocalStack, verses: list[dict], bar: Any) -> dict[str, 
     totals = {"committed": 0, "queued": 0}
     poller = stack.make_poller()
     with api_client(stack) as api:
-        for chunk in _chunks(verses, IMPORT_CHUNK):
+        # Imports of one worker batch each: moto's SQS receive costs grow with the queue's depth (each
+        # receive recomputes every message's attributes; real SQS's do not), so the local queue stays short.
+        for chunk in _chunks(verses, min(IMPORT_CHUNK, poller.batch_size)):
             answer = _ok(
                 api.post("/documents/verse:import", json={"documents": [verse_document(v) for v in chunk]})
             )
