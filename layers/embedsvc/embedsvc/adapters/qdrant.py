@@ -394,6 +394,10 @@ class VectorStore:
 
     def iter_points(self, collection: str, *, page: int = 1000, with_vectors: bool = False) -> Iterator[Any]:
         """Every point, a page at a time (for exports, audits and exact-search checks)."""
+        yield from self._scroll(collection, page=page, with_payload=True, with_vectors=with_vectors)
+
+    def _scroll(self, collection: str, *, page: int, with_payload: Any, with_vectors: bool) -> Iterator[Any]:
+        """Qdrant's scroll, one page in memory at a time."""
         offset = None
         while True:
             records, offset = self._call(
@@ -402,7 +406,7 @@ class VectorStore:
                 collection,
                 limit=page,
                 offset=offset,
-                with_payload=True,
+                with_payload=with_payload,
                 with_vectors=with_vectors,
             )
             yield from records
@@ -430,26 +434,13 @@ class VectorStore:
         if local is not None:
             yield from self._scroll_local(local, selector)
             return
-        offset = None
         previous: str | None = None
-        while True:
-            records, offset = self._call(
-                "scroll",
-                self.client.scroll,
-                collection,
-                limit=page,
-                offset=offset,
-                with_payload=selector,
-                with_vectors=False,
-            )
-            for record in records:
-                pid = str(record.id)
-                if previous is not None and pid <= previous:
-                    raise EmbedServiceError(f"qdrant scrolled {pid} after {previous}: not ascending uuids")
-                previous = pid
-                yield pid, dict(record.payload or {})
-            if offset is None:
-                return
+        for record in self._scroll(collection, page=page, with_payload=selector, with_vectors=False):
+            pid = str(record.id)
+            if previous is not None and pid <= previous:
+                raise EmbedServiceError(f"qdrant scrolled {pid} after {previous}: not ascending uuids")
+            previous = pid
+            yield pid, dict(record.payload or {})
 
     def _local_collection(self, collection: str) -> Any:
         """Local mode's in-memory collection, or None where this qdrant-client keeps it elsewhere."""
