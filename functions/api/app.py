@@ -17,7 +17,6 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 )
 from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
-from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from embedsvc import container
@@ -30,7 +29,7 @@ from embedsvc.api import (
     principal_context,
     validation_error_response,
 )
-from embedsvc.errors import EmbedServiceError, InvalidRequest
+from embedsvc.errors import BudgetExceeded, EmbedServiceError, InvalidRequest
 from embedsvc.models.api import (
     MAX_TOTAL_TOKENS,
     EmbeddingRequest,
@@ -50,7 +49,12 @@ from embedsvc.models.documents import (
     document_id_from_path,
 )
 from embedsvc.models.names import CONTENT_TYPE_PATTERN
-from embedsvc.observability import CallContext
+from embedsvc.observability import (
+    CallContext,
+    bind_correlation,
+    correlation_from_api_event,
+    flush_costs,
+)
 from embedsvc.services.documents import MAX_IMPORT_DOCUMENTS
 
 # Stop waiting for budget or a provider this long before the function's timeout, to answer in time.
@@ -294,7 +298,11 @@ def handle_content_type(_exc: RequestUnsupportedContentType) -> Response:
 def handle_service_error(exc: EmbedServiceError) -> Response:
     if exc.status >= 500:
         logger.exception("request failed", extra={"code": exc.code})
-    return error_response(exc)
+    response = error_response(exc)
+    if isinstance(exc, BudgetExceeded):
+        # A 429 the openai SDK would retry twice; a spent budget does not refill in seconds.
+        response.headers["x-should-retry"] = "false"
+    return response
 
 
 @app.exception_handler(ServiceError)
@@ -322,7 +330,17 @@ def handle_not_found(_exc: Exception) -> Response:
     )
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)  # answers hold vectors: never into traces
+@flush_costs  # the request's costs reach the roll-up before Lambda freezes the process
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
-    return app.resolve(event, context)
+    # The caller's X-Correlation-Id, else API Gateway's request id: on every log line, on the index
+    # requests this request queues (and so on the worker's lines for them), and in the answer's headers.
+    correlation_id = bind_correlation(correlation_from_api_event(event), logger=logger, tracer=tracer)
+    answer = app.resolve(event, context)
+    headers = answer.get("multiValueHeaders")
+    if isinstance(headers, dict):
+        headers["X-Correlation-Id"] = [correlation_id]
+    else:
+        answer.setdefault("headers", {})["X-Correlation-Id"] = correlation_id
+    return answer

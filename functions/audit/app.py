@@ -20,6 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from embedsvc import container
 from embedsvc.errors import InvalidRequest
+from embedsvc.observability import bind_correlation, correlation_from_event
 
 logger = Logger()
 tracer = Tracer()
@@ -47,6 +48,8 @@ def parse_event(event: Any) -> tuple[str | None, bool]:
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
 def lambda_handler(event: Any, context: LambdaContext) -> dict:
+    # One id per run: its log lines and every index request it queues (the worker logs them under it).
+    bind_correlation(correlation_from_event(event, prefix="audit"), logger=logger, tracer=tracer)
     content_type, dry_run = parse_event(event)
     report = container.audit_job().run(content_type=content_type, dry_run=dry_run)
     answer = report.as_dict()

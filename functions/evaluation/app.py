@@ -20,6 +20,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from embedsvc.observability import bind_correlation, correlation_from_event, flush_costs
 from embedsvc.services.evaluation.job import EvaluationRequest, evaluate_request
 
 logger = Logger()
@@ -28,7 +29,10 @@ tracer = Tracer()
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
+@flush_costs  # the run's costs reach the roll-up before Lambda freezes the process
 def lambda_handler(event: Any, context: LambdaContext) -> dict:
+    # The migration's execution name when the state machine runs the gate, else one id per run.
+    bind_correlation(correlation_from_event(event, prefix="eval"), logger=logger, tracer=tracer)
     request = EvaluationRequest.parse(event)
     outcome = evaluate_request(request)
     answer = outcome.to_dict()

@@ -19,6 +19,7 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from embedsvc import container
+from embedsvc.observability import bind_correlation, correlation_from_event
 
 STOP_SECONDS = 60.0
 logger = Logger()
@@ -28,6 +29,8 @@ tracer = Tracer()
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler(capture_response=False)  # no payloads in traces
 def lambda_handler(event: Any, context: LambdaContext) -> dict:
+    # One id per run (or the caller's correlation_id): its log lines and every index request it queues.
+    bind_correlation(correlation_from_event(event, prefix="repair"), logger=logger, tracer=tracer)
     # Stop a minute before the timeout: the checkpoint then moves to where the run got, and the next
     # hourly run goes on from there (a first run over millions of rows may take several).
     remaining = context.get_remaining_time_in_millis() / 1000

@@ -187,12 +187,14 @@ def test_unknown_route_is_a_404_in_openai_shape(service, call_api):
 def test_cache_hit_makes_no_provider_call_and_costs_nothing(service, call_api, sim, emf):
     call_api({"input": ["alpha", "beta"], "model": TE3S})
     assert sim.calls == 1
-    emitted = len(emf)
+    emitted = len([b for b in emf if "Tokens" in b])
     status, body, headers = call_api({"input": ["beta", "alpha"], "model": TE3S})
     assert status == 200
     assert sim.calls == 1
     assert headers["x-cache-hits"] == "2"
-    assert len(emf) == emitted  # no provider call, no cost event
+    assert len([b for b in emf if "Tokens" in b]) == emitted  # no provider call, no cost event
+    (saved,) = [b for b in emf if "SavedTokens" in b]  # the hits are counted as saved instead
+    assert saved["SavedTokens"] == [2] and saved["source"] == "user_query"
     assert np.allclose(body["data"][0]["embedding"], hash_vector("beta", 1536), atol=1e-6)
 
 
@@ -214,9 +216,10 @@ def test_cost_metric_carries_source_and_model_dimensions_and_user_properties(ser
     call_api(
         {"input": "hello there", "model": TE3S}, headers={"X-Cost-Source": "note_index", "X-Task-Id": "job-7"}
     )
-    (blob,) = emf
+    (blob,) = [b for b in emf if "Tokens" in b]
     directive = blob["_aws"]["CloudWatchMetrics"][0]
-    assert directive["Dimensions"] == [["source", "model"]]
+    # Per (source, model), and per source: the alarms' and dashboards' per-source totals.
+    assert directive["Dimensions"] == [["source", "model"], ["source"]]
     assert {m["Name"] for m in directive["Metrics"]} == {"Tokens", "CostUSD", "ProviderRequests"}
     assert blob["source"] == "note_index" and blob["model"] == "te3s"
     # Powertools writes metric values as lists (one entry per data point).

@@ -69,6 +69,26 @@ class ServiceOverloaded(EmbedServiceError):
     retryable = True
 
 
+class BudgetExceeded(EmbedServiceError):
+    """A task's or tenant's budget would be passed by this request: refused before any provider call.
+
+    429 with OpenAI's `insufficient_quota` type (what OpenAI answers when a quota is spent), code
+    `budget_exceeded`. Not retryable: waiting does not refill a task's lifetime budget (no Retry-After);
+    a tenant's monthly budget says when its next month starts (`retry_after`). The worker dead-letters
+    such a message with reason `budget_exceeded` instead of retrying it.
+    """
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+    retryable = False
+
+    def __init__(self, message: str, *, scope: str, key: str, retry_after: float | None = None):
+        super().__init__(message, retry_after=retry_after)
+        self.scope = scope
+        self.key = key
+
+
 class TransientError(EmbedServiceError):
     """Worth retrying later: the cause is outside the request."""
 

@@ -8,6 +8,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from embedsvc.models.messages import IndexMessage
+from embedsvc.observability import current_correlation_id
 
 logger = Logger(child=True)
 
@@ -30,6 +31,11 @@ class IndexQueue:
         if not self.queue_url:
             logger.error("no INDEX_QUEUE_URL configured; index requests wait for the repair job")
             return list(range(len(messages)))
+        if correlation_id := current_correlation_id():  # the producing request's or run's
+            messages = [
+                m if m.correlation_id else m.model_copy(update={"correlation_id": correlation_id})
+                for m in messages
+            ]
         unsent: list[int] = []
         for start in range(0, len(messages), 10):  # SendMessageBatch takes ten entries
             chunk = list(range(start, min(start + 10, len(messages))))

@@ -29,6 +29,9 @@ class IndexMessageV1(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: Name = "reindex"  # cost center: note_index, verse_index, reindex, backfill, ...
     task_id: Tag | None = None
+    # The request or run that produced this message (API request id, X-Correlation-Id, a repair run):
+    # the worker logs the message under it. IndexQueue.send fills it in from the producer's context.
+    correlation_id: Tag | None = None
     priority: Literal["realtime", "bulk"] = "bulk"
     models: list[str] | None = (
         None  # target model keys; None -> the content type's active (and shadow) models

@@ -222,14 +222,19 @@ class EmbeddingService:
         for index, key in enumerate(keys):
             if key not in found and key not in missing:
                 missing[key] = index
-        by_tenant: dict[str | None, list[int]] = {}
-        for index in missing.values():
+        # One provider request never mixes budget owners: a spent budget fails only its own inputs.
+        owners = self._budget_owners(spec, [contexts[index] for index in missing.values()])
+        by_tenant: dict[tuple[str | None, tuple], list[int]] = {}
+        for index, budgets in zip(missing.values(), owners, strict=True):
             tenant = contexts[index].tenant_id
-            by_tenant.setdefault(tenant if self.tenant_share(tenant) is not None else None, []).append(index)
+            capped = tenant if self.tenant_share(tenant) is not None else None
+            by_tenant.setdefault((capped, budgets), []).append(index)
         fresh: dict[str, np.ndarray] = {}
         failed: dict[str, EmbedServiceError] = {}
 
-        def embed_positions(positions: list[int], tenant: str | None, share: float | None) -> None:
+        def embed_positions(
+            positions: list[int], tenant: str | None, share: float | None, budgets: tuple = ()
+        ) -> None:
             try:
                 routed = self.router.embed(
                     spec,
@@ -241,13 +246,14 @@ class EmbeddingService:
                     deadline=deadline,
                     tenant=tenant if share is not None else None,
                     tenant_share=share,
+                    **({"budgets": budgets} if budgets else {}),
                 )
             except ProviderRejected as exc:
                 if isolate_rejections and len(positions) > 1:
                     # One bad input must not sink the others: halve until the rejected ones stand alone.
                     half = len(positions) // 2
-                    embed_positions(positions[:half], tenant, share)
-                    embed_positions(positions[half:], tenant, share)
+                    embed_positions(positions[:half], tenant, share, budgets)
+                    embed_positions(positions[half:], tenant, share, budgets)
                     return
                 failed.update({keys[p]: exc for p in positions})
                 return
@@ -263,11 +269,11 @@ class EmbeddingService:
             if use_cache:
                 self.cache.put_many(chunk_vectors, shared=shared)
 
-        for tenant, positions in by_tenant.items():
+        for (tenant, budgets), positions in by_tenant.items():
             share = self.tenant_share(tenant)
             limits = self.request_limits(spec, lane, share)
             for chunk in split_requests([tokens[i] for i in positions], limits):
-                embed_positions([positions[i] for i in chunk.indices], tenant, share)
+                embed_positions([positions[i] for i in chunk.indices], tenant, share, budgets)
                 if failed and stop_on_error:
                     raise next(iter(failed.values()))  # all-or-nothing callers: no more provider calls
         vectors = np.zeros((len(texts), dims), dtype=np.float32)
@@ -279,6 +285,8 @@ class EmbeddingService:
                 vectors[index] = fresh[key]
             else:
                 errors[index] = failed[key]
+        # What the cache answered was not paid for: saved tokens and dollars, by the inputs' owners.
+        self._record_saved(spec, [(contexts[i], tokens[i]) for i, key in enumerate(keys) if key in found])
         return EmbedResult(
             model=spec,
             vectors=vectors,
@@ -286,6 +294,13 @@ class EmbeddingService:
             cache_hits=sum(1 for key in keys if key in found),
             errors=errors,
         )
+
+    def _budget_owners(self, spec: ModelSpec, contexts: list[CallContext]) -> list[tuple]:
+        """The budgets (task, tenant) each input's provider requests are charged to; () where none applies."""
+        lookup = getattr(self.router, "budget_scopes", None)
+        if lookup is None or not contexts:
+            return [() for _ in contexts]
+        return list(lookup(spec, contexts))
 
     def _record_cost(
         self, spec: ModelSpec, provider: str, used: int, owners: list[tuple[CallContext, int]]
@@ -307,3 +322,23 @@ class EmbeddingService:
                 context=owner,
                 requests=1 if position == 0 else 0,
             )
+
+    def _record_saved(self, spec: ModelSpec, owners: list[tuple[CallContext, int]]) -> None:
+        """Record tokens no provider was paid for, summed per owner (one EMF record each)."""
+        by_owner: dict[CallContext, int] = {}
+        for owner, count in owners:
+            by_owner[owner] = by_owner.get(owner, 0) + count
+        for owner, count in by_owner.items():
+            self.costs.record_saved(
+                model=spec.key, tokens=count, price_per_million=spec.price_per_million_tokens, context=owner
+            )
+
+    def record_skipped(self, texts: list[str], model: str, contexts: list[CallContext]) -> None:
+        """Record texts left unembedded because the collection already holds them (content-hash skips) as
+        saved: the tokens (as the model counts them) a reindex would otherwise have paid for."""
+        if not texts:
+            return
+        spec = self.registry.model(model)
+        # Indexing truncates to the model's window: a skip saves at most that much per text.
+        tokens = [min(count, spec.max_input_tokens) for count in count_tokens(spec, texts)]
+        self._record_saved(spec, list(zip(contexts, tokens, strict=True)))

@@ -74,16 +74,35 @@ guarantee holds for the tokens reserved: a caller whose estimate can undercount 
 tokenizer) reserves the estimate times a margin (`ModelSpec.token_estimate_margin`), and reconcile
 refunds what the provider did not count. One `LimitSpec` window per key; acquire right before the
 call (a grant that waits long before its request leaves eats into the guard).
+
+Budgets. A reservation may carry charges against a task's or a tenant's budget (services/budgets.py:
+items in this table with a `remaining` counter). `acquire` grants the rate limit as above, then charges
+each budget with one conditional UpdateItem whose condition is `remaining >= this charge` on the live
+item; a refused charge undoes the grant (and any budget already charged) and raises BudgetExceeded, all
+before the provider is called. Each budget's decision is thus a single atomic write: concurrent callers
+in every process can never together pass a budget, and a grant is charged only once it is really made
+(charging first would hold budget through a rate-limit wait and refuse others for room later given
+back). The charges are deliberately not in one TransactWriteItems with the grant: that would put the
+provider's item, the hottest in the table, into transactions, and DynamoDB rejects every plain
+UpdateItem of an item while a transaction on it is in flight (TransactionConflictException), shedding
+unbudgeted callers; it would also double the write units of that item and cost a read per grant. What
+the split costs is a grant that may be made and given back (one more write), never an overspend.
+`reconcile` corrects each charge by the provider's reported usage; a failed provider call refunds it. A
+budget that DynamoDB cannot charge fails closed (503): the fallback limiter never serves budgeted work.
+The per-process hint of each budget (from the last write) only decides whether to read before a wait:
+a caller whose budget looks spent reads it (consistent) and is refused at once, before any rate-limit
+wait, only if the read confirms it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -91,7 +110,26 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from embedsvc.errors import InvalidRequest, LedgerMisconfigured, LedgerUnavailable, ServiceOverloaded
+from embedsvc.errors import (
+    BudgetExceeded,
+    EmbedServiceError,
+    InvalidRequest,
+    LedgerMisconfigured,
+    LedgerUnavailable,
+    ServiceOverloaded,
+)
+from embedsvc.services.budgets import (
+    BUDGET_REFUSED_METRIC,
+    BudgetCharge,
+    BudgetState,
+    adjust_update,
+    charge_update,
+    ledger_error,
+    month_of,
+    refusal,
+    refused_update,
+    rollover_update,
+)
 
 logger = Logger(child=True)
 
@@ -141,6 +179,15 @@ _TRANSIENT_TRANSACTION_REASONS = frozenset(
 # CloudWatch metrics (EMF) the ledger emits; the template's alarms and dashboard name them.
 LEDGER_ERRORS_METRIC = "LedgerErrors"
 LEDGER_FALLBACK_METRIC = "LedgerFallbackGrants"
+# The peak share (percent) of a limit's window in use, as this process's grants saw it (dimension `lane`),
+# emitted at most once per _UTILIZATION_EMIT_SECONDS per lane: LedgerSaturatedAlarm watches the realtime one.
+LEDGER_UTILIZATION_METRIC = "LedgerUtilization"
+# Requests shed because the limit stayed spent longer than they could wait (429 / redelivery), by `lane`.
+LEDGER_OVERLOADED_METRIC = "LedgerOverloaded"
+# Provider 429s written to the ledger, by `limit` (provider:model).
+PROVIDER_THROTTLES_METRIC = "ProviderThrottles"
+_UTILIZATION_EMIT_SECONDS = 60.0
+_BUDGET_WRITE_TRIES = 5
 
 
 class Lane(StrEnum):
@@ -168,6 +215,7 @@ class Reservation:
     fallback: bool = False  # granted by the in-process fallback limiter, not recorded in DynamoDB
     tenant_limit: LimitSpec | None = None  # the tenant's item the grant also went to
     leased: bool = False  # served from this process's lease (a grant made for several requests)
+    charges: tuple[BudgetCharge, ...] = ()  # the budgets this reservation was charged to
 
 
 @dataclass
@@ -527,6 +575,7 @@ class RateLimitLedger:
         metrics: Any = None,
         lease_seconds: float = 0.0,
         bulk_pace: float | None = None,
+        budgets: Any = None,
     ):
         if not 0 < bulk_ceiling <= 1:
             raise ValueError("bulk_ceiling must be in (0, 1]")
@@ -546,6 +595,10 @@ class RateLimitLedger:
         self.metrics = metrics  # an OpsMetrics (EMF) for errors and fallback grants, or None
         self.lease_seconds = lease_seconds  # 0: every realtime request is its own grant
         self.bulk_pace = bulk_pace  # None: bulk may take the whole window at once while users are idle
+        # The BudgetStore whose budgets callers may charge (the router asks it which exist), or None.
+        self.budgets = budgets
+        self._budget_hints: dict[str, BudgetState] = {}
+        self._utilization: dict[Lane, tuple[float, float]] = {}  # lane -> (peak share, last emitted at)
         self._leases: dict[str, _Lease] = {}
         self._recent: dict[str, deque[float]] = {}
         self.started_at = clock()
@@ -578,6 +631,10 @@ class RateLimitLedger:
                 "fallback_grants",
                 "leases",
                 "lease_grants",
+                "budget_writes",
+                "budget_reads",
+                "budget_refused",
+                "budget_released_grants",
             ),
             0,
         )
@@ -603,9 +660,9 @@ class RateLimitLedger:
         with self._lock:
             self._stats[name] += amount
 
-    def _emit(self, name: str, **dimensions: str) -> None:
+    def _emit(self, name: str, value: float = 1, **dimensions: str) -> None:
         if self.metrics is not None:
-            self.metrics.count(name, **dimensions)
+            self.metrics.count(name, value, **dimensions)
 
     def guard_for(self, limit: LimitSpec) -> float:
         """The guard this limit's decisions use: the provider's own, else the ledger's default."""
@@ -897,12 +954,46 @@ class RateLimitLedger:
         max_wait_seconds: float,
         tenant: str | None = None,
         tenant_share: float | None = None,
+        charges: Sequence[BudgetCharge] = (),
     ) -> Reservation:
         """Block until `tokens` and one request are reserved; ServiceOverloaded if that takes too long.
 
         With `tenant` and `tenant_share`, the grant must also fit that tenant's share of the limit, in the
-        same atomic write (a transaction over the provider's item and the tenant's).
+        same atomic write (a transaction over the provider's item and the tenant's). With `charges`, each
+        budget is charged after the grant, each in one conditional write; BudgetExceeded (nothing granted
+        or charged) when one would be passed.
         """
+        if not charges:
+            return self._grant(
+                limit,
+                tokens,
+                lane,
+                max_wait_seconds=max_wait_seconds,
+                tenant=tenant,
+                tenant_share=tenant_share,
+            )
+        pending = self._precheck_budgets(charges)  # a spent budget is refused before any rate-limit wait
+        reservation = self._grant(
+            limit, tokens, lane, max_wait_seconds=max_wait_seconds, tenant=tenant, tenant_share=tenant_share
+        )
+        try:
+            charged = self._charge_budgets(pending)
+        except BaseException:
+            self._release_grant(reservation)
+            raise
+        return replace(reservation, charges=charged)
+
+    def _grant(
+        self,
+        limit: LimitSpec,
+        tokens: int,
+        lane: Lane,
+        *,
+        max_wait_seconds: float,
+        tenant: str | None = None,
+        tenant_share: float | None = None,
+    ) -> Reservation:
+        """The rate-limit grant itself (see the module's docstring): every item it must fit, one atomic write."""
         lane = Lane(lane)
         provider_limit = limit
         limit = self.budgeted(limit)
@@ -953,6 +1044,7 @@ class RateLimitLedger:
                     for budget, state in zip(budgets, known, strict=True)
                 ]
                 wait = max(plan.wait for plan in plans)
+                self._note_utilization(lane, limit, known[0], want_tokens, want_requests, now)
                 if wait > 0 and want_requests > 1:
                     want_tokens, want_requests = tokens, 1  # no lease when budget is short: just this request
                     continue
@@ -1017,6 +1109,7 @@ class RateLimitLedger:
                             limit, known[0], now + min(plans[0].wait, limit.window_seconds), now
                         )
                     self._count("overloaded")
+                    self._emit(LEDGER_OVERLOADED_METRIC, lane=lane.value)
                     binding = budgets[max(range(len(plans)), key=lambda i: plans[i].wait)].limit
                     whose = "this tenant's share of " if binding is not limit else ""
                     raise ServiceOverloaded(
@@ -1171,6 +1264,7 @@ class RateLimitLedger:
                     return Reservation(limit, tokens, Lane.REALTIME, slot, now - start, now, fallback=True)
             if now - start + wait > max_wait_seconds:
                 self._count("overloaded")
+                self._emit(LEDGER_OVERLOADED_METRIC, lane=Lane.REALTIME.value)
                 raise ServiceOverloaded(
                     f"the rate-limit ledger is unavailable and this process's fallback share of {limit.key} "
                     "is spent",
@@ -1182,7 +1276,17 @@ class RateLimitLedger:
             self.sleep(pause)
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Correct the reserved estimate with the provider's reported usage (no call if it was exact)."""
+        """Correct the reserved estimate with the provider's reported usage (no call if it was exact).
+
+        The budgets it was charged to move by the same difference (and its cost at the model's price).
+        """
+        for charge in reservation.charges:
+            self._adjust_budget(
+                charge,
+                int(actual_tokens) - charge.tokens,
+                BudgetCharge.of(charge.scope, charge.key, actual_tokens, charge.price_per_million).nusd
+                - charge.nusd,
+            )
         delta = int(actual_tokens) - reservation.tokens
         if delta == 0:
             return
@@ -1238,11 +1342,196 @@ class RateLimitLedger:
                 extra={"limit_key": limit.key, "delta": delta, "error": repr(exc.cause)},
             )
 
+    def _note_utilization(
+        self, lane: Lane, limit: LimitSpec, state: LedgerState, tokens: int, requests: int, now: float
+    ) -> None:
+        """Track the peak share of the window a decision saw (with its own request); emit it once a minute."""
+        if self.metrics is None:
+            return
+        seconds_per_slot = slot_seconds(limit, self.slots_per_window)
+        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
+        counted = [(t, r) for slot, (t, r) in state.slots.items() if slot >= oldest]
+        share = max(
+            (sum(max(t, 0) for t, _ in counted) + tokens) / max(limit.tpm, 1),
+            (sum(r for _, r in counted) + requests) / max(limit.rpm, 1),
+        )
+        with self._lock:
+            # A process's first minute is emitted at its end, like every other: a short-lived process or
+            # an idle one emits nothing (the alarm treats missing data as fine).
+            peak, emitted_at = self._utilization.get(lane, (0.0, now))
+            peak = max(peak, min(share, 1.0))
+            if now - emitted_at < _UTILIZATION_EMIT_SECONDS:
+                self._utilization[lane] = (peak, emitted_at)
+                return
+            self._utilization[lane] = (0.0, now)
+        self._emit(LEDGER_UTILIZATION_METRIC, round(100 * peak, 1), lane=lane.value)
+
+    def _precheck_budgets(self, charges: Sequence[BudgetCharge]) -> list[BudgetCharge]:
+        """The charges, tenants' dated to this month; BudgetExceeded at once when a budget is confirmed spent.
+
+        Only this process's hint of a budget (its last write) can make it read: a budget that looks spent is
+        read (consistently), and refused only if the read says so too.
+        """
+        now = self.clock()
+        pending: list[BudgetCharge] = []
+        for charge in charges:
+            if charge.scope == "tenant":
+                hinted = self._budget_hints.get(charge.pk)
+                month = month_of(now)
+                charge = replace(charge, period=max(month, hinted.period or month) if hinted else month)
+            pending.append(charge)
+            hint = self._budget_hints.get(charge.pk)
+            if hint is None or hint.as_of(charge.period).fits(charge):
+                continue
+            self._count("budget_reads")
+            try:
+                item = self._call("get_item", Key={"pk": {"S": charge.pk}}, ConsistentRead=True).get("Item")
+            except _LedgerDown as exc:
+                raise self._budget_down(exc) from exc
+            if not item:
+                self._budget_gone(charge)
+                continue
+            state = BudgetState.parse(item)
+            self._budget_hints[charge.pk] = state
+            if not state.as_of(charge.period).fits(charge):
+                raise self._refuse(charge, state.as_of(charge.period), now)
+        return pending
+
+    def _charge_budgets(self, charges: Sequence[BudgetCharge]) -> tuple[BudgetCharge, ...]:
+        """Charge each budget (one conditional write each); a refusal refunds those already charged."""
+        charged: list[BudgetCharge] = []
+        try:
+            for charge in charges:
+                done = self._charge(charge)
+                if done is not None:
+                    charged.append(done)
+        except BaseException:
+            for done in charged:
+                self._adjust_budget(done, -done.tokens, -done.nusd)
+            raise
+        return tuple(charged)
+
+    def _charge(self, charge: BudgetCharge) -> BudgetCharge | None:
+        """Charge one budget: the charge as written, None if the budget is gone, or BudgetExceeded."""
+        for _ in range(_BUDGET_WRITE_TRIES):
+            self._count("budget_writes")
+            try:
+                answer = self._call(
+                    "update_item",
+                    Key={"pk": {"S": charge.pk}},
+                    ReturnValues="ALL_NEW",
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                    **charge_update(charge),
+                )
+            except _LedgerDown as exc:
+                raise self._budget_down(exc) from exc
+            except ClientError as exc:  # the condition failed: the item says why
+                item = exc.response.get("Item")
+                if not item:
+                    self._budget_gone(charge)
+                    return None
+                state = BudgetState.parse(item)
+                self._budget_hints[charge.pk] = state
+                if charge.period is not None and state.period != charge.period:
+                    if state.period and state.period > charge.period:
+                        charge = replace(charge, period=state.period)  # this clock is behind the item's month
+                    else:
+                        self._roll_over(charge, state)
+                    continue
+                raise self._refuse(charge, state, self.clock()) from None
+            self._budget_hints[charge.pk] = BudgetState.parse(answer.get("Attributes") or {})
+            return charge
+        raise LedgerUnavailable(
+            f"the {charge.scope} budget '{charge.key}' kept changing under this charge; retry shortly",
+            retry_after=1.0,
+        )
+
+    def _roll_over(self, charge: BudgetCharge, state: BudgetState) -> None:
+        """Start the tenant's new month on its item; whoever loses the race finds it already done."""
+        assert charge.period is not None
+        try:
+            self._call("update_item", Key={"pk": {"S": charge.pk}}, **rollover_update(state, charge.period))
+        except _LedgerDown as exc:
+            raise self._budget_down(exc) from exc
+        except ClientError:
+            pass  # another caller rolled it over (or a limit changed): the next charge decides on the item
+
+    def _refuse(self, charge: BudgetCharge, state: BudgetState, now: float) -> BudgetExceeded:
+        self._count("budget_refused")
+        self._emit(BUDGET_REFUSED_METRIC, scope=charge.scope)
+        if not state.refused:  # mark it once (Budget.exhausted), so that a job watching it can pause
+            with contextlib.suppress(ClientError, _LedgerDown):
+                self._call("update_item", Key={"pk": {"S": charge.pk}}, **refused_update(charge, now))
+            self._budget_hints[charge.pk] = replace(state, refused=True)
+        logger.info(
+            "reservation refused: budget spent",
+            extra={"scope": charge.scope, "budget": charge.key, "tokens": charge.tokens, "nusd": charge.nusd},
+        )
+        return refusal(charge, state, now)
+
+    def _budget_gone(self, charge: BudgetCharge) -> None:
+        """The budget was cleared: nothing to charge, and this process stops looking for it."""
+        self._budget_hints.pop(charge.pk, None)
+        if self.budgets is not None:
+            self.budgets.forget(charge.scope, charge.key)
+
+    def _budget_down(self, exc: _LedgerDown) -> EmbedServiceError:
+        """A budget DynamoDB cannot read or charge fails closed, in every lane: the work is not done unbudgeted."""
+        self._count("shed" if exc.transient else "misconfigured")
+        logger.warning(
+            "budget could not be charged; refusing to call the provider unbudgeted",
+            extra={"table": self.table_name, "code": exc.code, "error": repr(exc.cause)},
+        )
+        return ledger_error(exc.cause, self.table_name)
+
+    def _adjust_budget(self, charge: BudgetCharge, tokens: int, nusd: int) -> None:
+        """Move a charge's spend (reconcile, refund); a budget cleared or a month passed meanwhile is left alone."""
+        if not tokens and not nusd:
+            return
+        try:
+            self._count("budget_writes")
+            self._call("update_item", Key={"pk": {"S": charge.pk}}, **adjust_update(charge, tokens, nusd))
+        except ClientError:
+            pass  # cleared, or rolled into a new month: that month does not pay for this one
+        except _LedgerDown as exc:
+            logger.warning(
+                "could not correct a budget's spend; the charge stands",
+                extra={
+                    "scope": charge.scope,
+                    "budget": charge.key,
+                    "tokens": tokens,
+                    "error": repr(exc.cause),
+                },
+            )
+
+    def refund_charges(self, reservation: Reservation) -> Reservation:
+        """Give back what a reservation charged its budgets (its request failed: nothing was billed)."""
+        for charge in reservation.charges:
+            self._adjust_budget(charge, -charge.tokens, -charge.nusd)
+        return replace(reservation, charges=())
+
+    def _release_grant(self, reservation: Reservation) -> None:
+        """Undo a rate-limit grant whose request will not be sent (a budget refused it)."""
+        self._count("budget_released_grants")
+        if reservation.fallback:
+            return  # granted from memory: it stays counted there until it leaves the window (safe)
+        if reservation.leased:
+            with self._lock:
+                lease = self._leases.get(reservation.limit.key)
+                if lease is not None and lease.slot == reservation.slot:
+                    lease.tokens += reservation.tokens
+                    lease.requests += 1
+                    return
+        self._reconcile_item(self.budgeted(reservation.limit), reservation.slot, -reservation.tokens, -1)
+        if reservation.tenant_limit is not None:
+            self._reconcile_item(reservation.tenant_limit, reservation.slot, -reservation.tokens, -1)
+
     def report_throttle(self, limit: LimitSpec, retry_after_seconds: float) -> None:
         """Record a provider 429: every caller, in every process, waits until now + retry_after."""
         now = self.clock()
         until = now + max(float(retry_after_seconds), 0.0)
         self._count("throttles_reported")
+        self._emit(PROVIDER_THROTTLES_METRIC, limit=limit.key)
         with self._lock:
             self._local_cooldowns[limit.key] = max(self._local_cooldowns.get(limit.key, 0.0), until)
         try:
@@ -1279,13 +1568,18 @@ class NoopLedger:
         max_wait_seconds: float,
         tenant: str | None = None,
         tenant_share: float | None = None,
+        charges: Sequence[BudgetCharge] = (),
     ) -> Reservation:
-        """Grant at once."""
+        """Grant at once (the in-process model is free: budgets count what metered providers bill)."""
         self._grants += 1
         return Reservation(limit, tokens, Lane(lane), 0, 0.0, granted_at=time.time())
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
         """Nothing to correct."""
+
+    def refund_charges(self, reservation: Reservation) -> Reservation:
+        """Nothing was charged."""
+        return reservation
 
     def report_throttle(self, limit: LimitSpec, retry_after_seconds: float) -> None:
         """Nothing to record."""
@@ -1297,21 +1591,6 @@ class NoopLedger:
 
 def create_ledger_table(client, table_name: str) -> None:
     """Create the ledger table (partition key `pk`, TTL on `expires_at`) unless it exists."""
-    try:
-        client.create_table(
-            TableName=table_name,
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        client.get_waiter("table_exists").wait(
-            TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-        )
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
-            raise
-    ttl = client.describe_time_to_live(TableName=table_name).get("TimeToLiveDescription", {})
-    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-        client.update_time_to_live(
-            TableName=table_name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
-        )
+    from embedsvc.adapters.aws import create_table_with_ttl
+
+    create_table_with_ttl(client, table_name, {"pk": "HASH"})
