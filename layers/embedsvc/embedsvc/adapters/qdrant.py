@@ -6,6 +6,7 @@ content id itself travels in the payload.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import uuid
@@ -130,6 +131,31 @@ class Hit:
     payload: dict[str, Any]
 
 
+class _SerializedClient:
+    """A local-mode QdrantClient that runs one call at a time.
+
+    Qdrant's local mode is not thread-safe: a search while another thread adds a point fails with
+    `operands could not be broadcast together with shapes (4254,) (4253,)` (its arrays were resized
+    under it), and an upsert can fail the same way. The local stack's API, worker and migration steps
+    share one client from several threads (a Qdrant server has no such problem and is not wrapped).
+    """
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attribute(*args, **kwargs)
+
+        return call
+
+
 class VectorStore:
     def __init__(self, client, *, local: bool = False):
         self.client = client
@@ -147,7 +173,8 @@ class VectorStore:
 
         if url:
             return cls(QdrantClient(url=url, api_key=api_key, timeout=30))
-        return cls(QdrantClient(path=path) if path else QdrantClient(location=":memory:"), local=True)
+        local = QdrantClient(path=path) if path else QdrantClient(location=":memory:")
+        return cls(_SerializedClient(local), local=True)
 
     def close(self) -> None:
         self.client.close()
@@ -432,7 +459,7 @@ class VectorStore:
         selector = models.PayloadSelectorInclude(include=list(fields))
         local = self._local_collection(collection) if self.local else None
         if local is not None:
-            yield from self._scroll_local(local, selector)
+            yield from self._scroll_local(local, selector, getattr(self.client, "_lock", None))
             return
         previous: str | None = None
         for record in self._scroll(collection, page=page, with_payload=selector, with_vectors=False):
@@ -453,7 +480,9 @@ class VectorStore:
         return found if all(hasattr(found, name) for name in wanted) else None
 
     @staticmethod
-    def _scroll_local(local: Any, selector: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _scroll_local(
+        local: Any, selector: Any, lock: Any = None, page: int = 1000
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Local mode's scroll, sorted once: its own `scroll` sorts every id again for each page.
 
         Local mode is brute force and in memory: paging it through `scroll` costs O(N^2 / page), which
@@ -461,11 +490,18 @@ class VectorStore:
         O(N log N) and yields the same order and payloads as `scroll` (a test holds the two congruent);
         a server keeps using `scroll`, which reads its index.
         """
-        ordered = sorted(((str(pid), idx) for pid, idx in list(local.ids.items())), key=lambda pair: pair[0])
-        for pid, idx in ordered:
-            if idx < len(local.deleted) and local.deleted[idx]:
-                continue
-            yield pid, dict(local._get_payload(idx, selector) or {})
+        guard = lock if lock is not None else contextlib.nullcontext()
+        with guard:  # the client's own lock (see _SerializedClient): writers resize these arrays
+            ids = list(local.ids.items())
+        ordered = sorted(((str(pid), idx) for pid, idx in ids), key=lambda pair: pair[0])
+        for start in range(0, len(ordered), page):
+            with guard:
+                found = [
+                    (pid, dict(local._get_payload(idx, selector) or {}))
+                    for pid, idx in ordered[start : start + page]
+                    if not (idx < len(local.deleted) and local.deleted[idx])
+                ]
+            yield from found
 
     def delete_collection(self, name: str) -> None:
         """Drop a collection (a finished migration's old one); absent is fine."""

@@ -103,12 +103,12 @@ def _totals(content_types: list[str], collections: bool) -> dict[str, int]:
     from embedsvc import container
     from embedsvc.adapters.qdrant import collection_name
 
-    store, settings = container.content_store(), container.settings()
+    store = container.content_store()
     totals = {}
     for content_type in content_types:
         rows = store.count(content_type, include_deleted=True)
         if collections:
-            for model in settings.models_for(content_type):
+            for model in container.model_config().models_for(content_type):
                 totals[collection_name(content_type, model)] = rows
         else:
             totals[content_type] = rows

@@ -154,8 +154,8 @@ def run(argv: list[str] | None = None) -> int:
             print("\n7. Retrieval quality on OpenBible topics (weak, crowd-made ground truth)")
             evaluate_topics(verses)
 
-        print("\n8. Tokens and cost by source")
-        print_costs()
+        print("\n8. What it cost: the daily cost roll-up (DynamoDB), as `embedsvc costs` reads it")
+        print_costs(args.workdir)
     return 0 if healed["gaps_after"] == 0 else 1
 
 
@@ -170,7 +170,7 @@ def index_through_queue(stack: LocalStack, verses: list[dict]) -> None:
     with progress_bar(len(verses), "indexing   ") as bar:
         totals = demo_content.import_verses(stack, verses, bar)
     store = container.vector_store()
-    collection = "verse_" + container.settings().models_for("verse")[0]
+    collection = "verse_" + container.model_config().get("verse").active
     print(
         f"   {totals['committed']:,} verses committed, {totals['queued']:,} index requests queued; "
         f"{store.count(collection):,} points in {collection}, {totals['worker_batches']} worker batches, "
@@ -202,12 +202,26 @@ def evaluate_topics(verses: list[dict]) -> None:
     evaluate_bible_topics(DATA / "bible_eval" / "topics", {v["id"] for v in verses})
 
 
-def print_costs() -> None:
-    from embedsvc import container
+def print_costs(workdir: Path) -> None:
+    """Flush this process's costs to the roll-up, print the report, draw the chart, and save the table.
 
-    totals = container.costs().totals()
-    print(f"   {'source':<14}{'model':<10}{'requests':>10}{'tokens':>12}{'cost USD':>12}")
-    for (source, model), t in sorted(totals.items()):
-        print(f"   {source:<14}{model:<10}{t.requests:>10,}{t.tokens:>12,}{t.cost_usd:>12.6f}")
-    if not totals:
-        print("   (no provider calls)")
+    moto keeps the table in memory, so it dies with this process: its items are saved to
+    costs-table.jsonl, which `embedsvc costs` loads into its own moto (the same queries as on AWS).
+    """
+    from embedsvc import container
+    from embedsvc.charts.costs import render_spend_chart
+    from embedsvc.cli.costs import SNAPSHOT_NAME, default_workdir, format_report
+    from embedsvc.services.costs import build_report
+
+    flushed = container.costs().flush()  # what ran outside a handler (the demo's direct saves)
+    store = container.cost_store()
+    report = build_report(store, days=2)  # today and yesterday: a run may cross midnight UTC
+    chart = render_spend_chart(report["per_day"], workdir / "costs.png")
+    saved = store.export_items(workdir / SNAPSHOT_NAME)
+    print("   " + format_report(report).replace("\n", "\n   "))
+    if flushed.dropped:
+        print(f"   warning: {flushed.dropped} roll-up items could not be written")
+    print(f"   chart: {chart}")
+    same = "" if workdir.resolve() == default_workdir().resolve() else f" --workdir {workdir}"
+    print(f"   roll-up saved ({saved} items) to {workdir / SNAPSHOT_NAME}")
+    print(f"   read it again, as on AWS: embedsvc costs{same} --format json")

@@ -155,14 +155,14 @@ def break_and_heal(stack: LocalStack, verses: list[dict], rng: random.Random) ->
     from embedsvc.services.documents import DocumentService
 
     settings = container.settings()
-    collection = f"verse_{settings.models_for('verse')[0]}"
+    collection = f"verse_{container.model_config().get('verse').active}"
     vectors, db = container.vector_store(), container.database()
     sample = rng.sample(verses, min(len(verses), 30))
     dropped, corrected, saved_down, saved_dark = sample[:20], sample[20:25], sample[25:28], sample[28:30]
     # Fewer orphans than the audit's safety valve allows (5% of the points), or it would rightly delete none.
     orphans = max(1, min(10, len(verses) // 40))
     vectors.delete(collection, [content_point_id("verse", v["id"], None) for v in dropped])
-    dimensions = settings.registry.models[settings.models_for("verse")[0]].dimensions
+    dimensions = settings.registry.models[container.model_config().get("verse").active].dimensions
     invented = [
         Point(
             str(uuid.UUID(int=rng.getrandbits(128), version=5)),

@@ -20,22 +20,8 @@ CONTENT_TYPE = "verse"
 
 
 def restrict_to_indexed(gt: GroundTruth, indexed_ids: Set[str]) -> GroundTruth:
-    """The ground truth with judgements outside `indexed_ids` removed, and queries left with no
-    relevant verse dropped."""
-    qrels: dict[str, dict[str, int]] = {}
-    for qid, judged in gt.qrels.items():
-        kept = {doc: grade for doc, grade in judged.items() if doc in indexed_ids}
-        if any(grade > 0 for grade in kept.values()):
-            qrels[qid] = kept
-    return GroundTruth(
-        name=gt.name,
-        queries={qid: text for qid, text in gt.queries.items() if qid in qrels},
-        qrels=qrels,
-        irrelevant={
-            q: {d for d in docs if d in indexed_ids} for q, docs in gt.irrelevant.items() if q in qrels
-        },
-        warnings=list(gt.warnings),
-    )
+    """The ground truth with judgements outside `indexed_ids` removed (see `GroundTruth.restricted_to`)."""
+    return gt.restricted_to(indexed_ids)
 
 
 def _demo_workdir() -> Path:
@@ -87,7 +73,7 @@ def evaluate_bible_topics(
     if not gt.queries:
         print("   nothing to evaluate: index more books (embedsvc demo --all)", file=out)
         return None
-    model_key = model_key or container.settings().models_for(CONTENT_TYPE)[0]
+    model_key = model_key or container.model_config().get(CONTENT_TYPE).active
     collection = collection or f"{CONTENT_TYPE}_{model_key}"
 
     def find(texts: list[str], limit: int) -> list[list[tuple[str, float]]]:

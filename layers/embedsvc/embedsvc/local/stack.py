@@ -39,6 +39,7 @@ def local_environment(moto_url: str, workdir: Path, *, qdrant_in_memory: bool = 
         "LEDGER_TABLE": "embedsvc-local-ratelimit",
         "API_KEYS_TABLE": "embedsvc-local-api-keys",
         "STATE_TABLE": "embedsvc-local-state",
+        "COSTS_TABLE": "embedsvc-local-costs",
         "QDRANT_PATH": "" if qdrant_in_memory else str(workdir / "qdrant"),
         "POWERTOOLS_SERVICE_NAME": "embedsvc",
         "POWERTOOLS_TRACE_DISABLED": "true",
@@ -53,6 +54,7 @@ def bootstrap(api_key: str) -> dict[str, str]:
     from embedsvc import container
     from embedsvc.adapters.aws import client
     from embedsvc.adapters.cache import create_cache_table
+    from embedsvc.adapters.cost_store import create_costs_table
     from embedsvc.adapters.dead_letters import create_state_table
     from embedsvc.services.auth import create_api_keys_table
     from embedsvc.services.ratelimit import create_ledger_table
@@ -63,6 +65,7 @@ def bootstrap(api_key: str) -> dict[str, str]:
     create_ledger_table(dynamodb, settings.ledger_table)
     create_api_keys_table(dynamodb, settings.api_keys_table)
     create_state_table(dynamodb, settings.state_table)
+    create_costs_table(dynamodb, settings.costs_table)
     dlq_url = sqs.create_queue(QueueName="embedsvc-local-index-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
@@ -92,6 +95,8 @@ class LocalStack:
         qdrant_in_memory: bool = False,
         extra_env: dict[str, str] | None = None,
         content_store: bool = True,
+        step_functions: bool = False,
+        wait_scale: float = 0.0,
     ):
         self.workdir = Path(workdir)
         self.api_key = api_key or os.environ.get("LOCAL_API_KEY") or DEFAULT_API_KEY
@@ -101,6 +106,10 @@ class LocalStack:
         self.qdrant_in_memory = qdrant_in_memory
         self.extra_env = extra_env or {}
         self.content_store = content_store
+        # The migration workflow: statemachines/*.asl.json run by moto's executor, tasks in this process.
+        self.step_functions = step_functions
+        self.wait_scale = wait_scale  # real seconds per ASL Wait second (0: Wait states pass at once)
+        self.sfn: Any = None
         self.database: Any = None  # the LocalDatabase behind DATABASE_URL (see local/postgres.py)
         self.gateway: Any = None
         self.poller: Any = None
@@ -130,6 +139,13 @@ class LocalStack:
         moto_port = free_port()
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
         self._moto.start()
+        # moto's backends are process-wide, not per server: a stack started after another in the same
+        # process (tests) would inherit its tables, queues and parameters. Every stack starts empty.
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST"), timeout=30
+        ).close()
         self._set_env(
             local_environment(
                 f"http://127.0.0.1:{moto_port}", self.workdir, qdrant_in_memory=self.qdrant_in_memory
@@ -140,6 +156,8 @@ class LocalStack:
             self._start_database()
         reset_settings()
         self._set_env(bootstrap(self.api_key))
+        if self.step_functions:
+            self._set_env(self._start_step_functions())
         reset_settings()
         emf_log = self.workdir / "emf.jsonl"
         from embedsvc import container
@@ -149,7 +167,12 @@ class LocalStack:
             with emf_log.open("a") as fh:
                 fh.write(json.dumps(blob) + "\n")
 
-        container.put("costs", CostRecorder(namespace=container.settings().metrics_namespace, sink=to_file))
+        container.put(
+            "costs",
+            CostRecorder(
+                namespace=container.settings().metrics_namespace, sink=to_file, store=container.cost_store
+            ),
+        )
         if self.serve_api:
             from embedsvc.local.gateway import LocalGateway
             from functions.api.app import lambda_handler as api_handler
@@ -175,6 +198,26 @@ class LocalStack:
         finally:
             db.close()
         self._set_env({"DATABASE_URL": self.database.url})
+
+    def _start_step_functions(self) -> dict[str, str]:
+        """The migration and rollback state machines, as template.yaml wires them, on moto's executor."""
+        from embedsvc.local.stepfunctions import LocalStepFunctions
+        from functions.migration.app import HANDLERS
+
+        self.sfn = LocalStepFunctions(HANDLERS, wait_scale=self.wait_scale).install()
+        arns = {f"{name}FunctionArn": self.sfn.function_arn(name) for name in HANDLERS}
+        machines = ROOT / "statemachines"
+        return {
+            "MIGRATION_STATE_MACHINE_ARN": self.sfn.create_state_machine(
+                "embedsvc-local-migration", machines / "migration.asl.json", arns
+            ),
+            "ROLLBACK_STATE_MACHINE_ARN": self.sfn.create_state_machine(
+                "embedsvc-local-rollback", machines / "rollback.asl.json", arns
+            ),
+            # Models per content type in SSM, as on AWS, so that a migration can change them.
+            "CONTENT_MODELS_PARAMETER": "/embedsvc/local/content-models",
+            "CONTENT_MODELS_MAX_AGE_SECONDS": "1",
+        }
 
     def make_poller(self):
         """A poller for IndexQueue with the batch settings of template.yaml."""
@@ -203,6 +246,9 @@ class LocalStack:
             self.poller.stop()
         if self.gateway:
             self.gateway.stop()
+        if self.sfn is not None:
+            self.sfn.uninstall()
+            self.sfn = None
         reset_settings()
         if self.database is not None:
             self.database.close()

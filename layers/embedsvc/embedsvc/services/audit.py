@@ -40,6 +40,7 @@ from embedsvc.errors import EmbedServiceError
 from embedsvc.models.messages import IndexMessage
 from embedsvc.services.consistency_metrics import MetricsSink, emit_metrics
 from embedsvc.services.merge_join import Finding, Gap, MergeCounts, merge_join
+from embedsvc.services.model_config import ModelConfig
 from embedsvc.services.repair import Addressed, Progress, index_request, request_source
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class AuditJob:
         points_page: int = POINTS_PAGE,
         max_pending_orphans: int = MAX_PENDING_ORPHANS,
         clock: Callable[[], float] = time.monotonic,
+        model_config: ModelConfig | None = None,
     ):
         if not 0 <= orphan_max_share <= 1:
             raise ValueError("orphan_max_share is a share of the live points, in [0, 1]")
@@ -212,6 +214,7 @@ class AuditJob:
         self.max_pending_orphans = max_pending_orphans
         self.clock = clock
         self.source = request_source(settings)
+        self.model_config = model_config or ModelConfig(settings)
 
     def run(
         self, content_type: str | None = None, dry_run: bool = False, *, progress: Progress | None = None
@@ -226,13 +229,18 @@ class AuditJob:
         if content_type:
             report.notes.append(f"only {content_type}: the undimensioned metrics cover its collections alone")
         for name in names:
-            for model in self.settings.models_for(name):
+            for model in self.model_config.models_for(name):
                 audit = self._audit_collection(name, model, started, dry_run, progress)
                 report.collections[audit.collection] = audit
         report.seconds = self.clock() - begun
         self._emit(report)
         self._store(report)
         return report
+
+    def audit_collection(self, content_type: str, model: str, *, dry_run: bool = True) -> CollectionAudit:
+        """Audit one collection of a content type (a migration's new one), without the run's report."""
+        self.store.is_private(content_type)
+        return self._audit_collection(content_type, model, self.store.now(), dry_run, None)
 
     def _audit_collection(
         self, content_type: str, model: str, started: datetime, dry_run: bool, progress: Progress | None

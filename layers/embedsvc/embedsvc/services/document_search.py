@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedsvc.adapters.content_store import content_point_id
 from embedsvc.errors import InvalidRequest
+from embedsvc.services.model_config import ModelConfig
 from embedsvc.services.ratelimit import Lane
 from embedsvc.services.search import CollectionNotFound
 
@@ -24,8 +25,15 @@ if TYPE_CHECKING:
 
 
 class DocumentSearch:
-    def __init__(self, settings: Settings, store: ContentStore, searches: SearchService):
+    def __init__(
+        self,
+        settings: Settings,
+        store: ContentStore,
+        searches: SearchService,
+        model_config: ModelConfig | None = None,
+    ):
         self.settings = settings
+        self.model_config = model_config or ModelConfig(settings)
         self.store = store
         self.searches = searches
 
@@ -48,7 +56,7 @@ class DocumentSearch:
         try:
             target = self.searches.resolve(content_type)
         except CollectionNotFound:  # nothing of this type was ever indexed: no hits, no query to pay for
-            model_key = self.settings.models_for(content_type)[0]
+            model_key = self.model_config.get(content_type).active
             return self._body(content_type, model_key, f"{content_type}_{model_key}", [])
         (hits,) = self.searches.search(
             target.model_key,

@@ -25,6 +25,7 @@ from embedsvc.errors import EmbedServiceError, InvalidRequest, PermissionDenied
 from embedsvc.models.messages import IndexMessage
 from embedsvc.observability import CallContext
 from embedsvc.services.index_points import index_status, live_payload, tombstone_payload, tombstone_vector
+from embedsvc.services.model_config import ModelConfig
 from embedsvc.services.ratelimit import Lane
 
 if TYPE_CHECKING:
@@ -112,8 +113,10 @@ class DocumentService:
         queue: IndexQueue,
         *,
         clock=time.time,
+        model_config: ModelConfig | None = None,
     ):
         self.settings = settings
+        self.model_config = model_config or ModelConfig(settings)
         self.store = store
         self.embeddings = embeddings
         self.vectors = vectors
@@ -123,7 +126,9 @@ class DocumentService:
 
     def collections(self, content_type: str) -> list[tuple[str, str]]:
         """(model key, collection) for every collection this content type writes, active first."""
-        return [(key, collection_name(content_type, key)) for key in self.settings.models_for(content_type)]
+        return [
+            (key, collection_name(content_type, key)) for key in self.model_config.models_for(content_type)
+        ]
 
     def put(
         self,

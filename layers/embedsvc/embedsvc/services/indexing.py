@@ -20,12 +20,13 @@ from pydantic import ValidationError
 from embedsvc.adapters.content_store import ContentRow, ContentStore, content_point_id
 from embedsvc.adapters.qdrant import Point, VectorStore, collection_name, point_id
 from embedsvc.config import Settings
-from embedsvc.errors import EmbedServiceError, PermanentMessageError
+from embedsvc.errors import BudgetExceeded, EmbedServiceError, PermanentMessageError
 from embedsvc.models.messages import SUPPORTED_SCHEMA_VERSIONS, IndexMessage
 from embedsvc.observability import CallContext
 from embedsvc.services.embedding import EmbeddingService
 from embedsvc.services.index_points import live_payload, tombstone_payload
 from embedsvc.services.index_points import tombstone_vector as tombstone_vector
+from embedsvc.services.model_config import ModelConfig
 from embedsvc.services.ratelimit import Lane
 
 logger = Logger(child=True)
@@ -131,8 +132,10 @@ class Indexer:
         dead_letter: Callable[[list[tuple[Incoming, str]]], list[str]],
         clock: Callable[[], float] = time.time,
         store: ContentStore | None = None,
+        model_config: ModelConfig | None = None,
     ):
         self.settings = settings
+        self.model_config = model_config or ModelConfig(settings)
         self.embeddings = embeddings
         self.vectors = vectors
         self.dead_letter = (
@@ -182,7 +185,7 @@ class Indexer:
                     message.updated_at_epoch_ms() if message.updated_at else (incoming.sent_at_ms or now_ms)
                 )
                 pid = point_id(message.content_type, message.id)
-            for model_key in message.models or self.settings.models_for(message.content_type):
+            for model_key in self._target_models(message):
                 unit = _Unit(
                     incoming.message_id,
                     message,
@@ -209,6 +212,26 @@ class Indexer:
         for message_id, reason in failed.items():
             logger.info("message will be retried", extra={"message_id": message_id, "reason": reason})
         return outcome
+
+    def _target_models(self, message: IndexMessage) -> list[str]:
+        """The models to index a message into: the content type's (active, shadow), or those it names.
+
+        For stored content, named models outside the content type's current ones are dropped: they are
+        requests of a migration that has ended since (a backfill refused, rolled back or aborted), and
+        indexing them would bring its dropped collection back. Evaluation corpora name theirs freely.
+        """
+        current = self.model_config.models_for(message.content_type)
+        if not message.models:
+            return current
+        if message.content_type not in self.stored_types:
+            return list(message.models)
+        kept = [key for key in message.models if key in current]
+        if len(kept) < len(message.models):
+            logger.info(
+                "index request for a model no longer indexing its content type: skipped",
+                extra={"content_type": message.content_type, "models": message.models, "current": current},
+            )
+        return kept
 
     def _current_rows(
         self,
@@ -292,6 +315,7 @@ class Indexer:
         to_embed: dict[tuple[str, Lane], list[_Unit]] = defaultdict(list)
         refresh: dict[str, list[_Unit]] = defaultdict(list)
         tombstones: dict[str, list[_Unit]] = defaultdict(list)
+        skipped: dict[str, list[_Unit]] = defaultdict(list)  # model key -> units whose text is already there
         for collection, members in by_collection.items():
             model = self.settings.registry.models[members[0].model_key]
             try:
@@ -299,7 +323,7 @@ class Indexer:
                 content_type = members[0].message.content_type
                 if (
                     content_type in self.stored_types
-                    and members[0].model_key == self.settings.models_for(content_type)[0]
+                    and members[0].model_key == self.model_config.get(content_type).active
                 ):
                     self.vectors.ensure_alias(content_type, collection)  # searches read the alias
                 stored = self.vectors.payloads(collection, [u.point_id for u in members])
@@ -326,6 +350,7 @@ class Indexer:
                     # update delivered late cannot bring the content back.
                     tombstones[collection].append(unit)
                 elif existing and existing.get("content_hash") == content_hash(unit.message.text or ""):
+                    skipped[unit.model_key].append(unit)
                     if stored_version == unit.updated_at_ms and self._same_payload(existing, unit):
                         outcome.unchanged += 1
                     else:
@@ -336,19 +361,16 @@ class Indexer:
                     lane = Lane.REALTIME if unit.message.priority == "realtime" else Lane.BULK
                     to_embed[(unit.model_key, lane)].append(unit)
 
+        for model_key, members in skipped.items():
+            # Content-hash skips cost nothing: recorded as saved, to their messages' owners.
+            self.embeddings.record_skipped(
+                [u.message.text or "" for u in members], model_key, [self._cost_context(u) for u in members]
+            )
         ready: dict[str, list[Point]] = defaultdict(list)
         for (model_key, lane), members in to_embed.items():
             if out_of_time(members):
                 continue
-            contexts = [
-                CallContext(
-                    source=u.message.source,
-                    user_id=u.message.owner_id,
-                    tenant_id=u.message.owner_id,
-                    task_id=u.message.task_id,
-                )
-                for u in members
-            ]
+            contexts = [self._cost_context(u) for u in members]
             try:
                 result = self.embeddings.embed_partial(
                     [u.message.text or "" for u in members],
@@ -361,12 +383,12 @@ class Indexer:
                 )
             except EmbedServiceError as exc:
                 target = failed if exc.retryable else permanent
-                target.update({u.message_id: exc.message for u in members})
+                target.update({u.message_id: self._reason(exc) for u in members})
                 continue
             for index, unit in enumerate(members):
                 if index in result.errors:
                     error = result.errors[index]
-                    (failed if error.retryable else permanent)[unit.message_id] = error.message
+                    (failed if error.retryable else permanent)[unit.message_id] = self._reason(error)
                     continue
                 ready[unit.collection].append(
                     Point(unit.point_id, result.vectors[index], self._payload(unit))
@@ -406,6 +428,22 @@ class Indexer:
                 outcome.deleted += len(entries)
             except EmbedServiceError as exc:
                 failed.update({u.message_id: exc.message for u in entries})
+
+    @staticmethod
+    def _reason(error: EmbedServiceError) -> str:
+        """Why a message failed; a budget's refusal leads with `budget_exceeded`, so the DLQ can be filtered
+        on it (it is dead-lettered at once, not retried until SQS gives up: raise the budget, then redrive)."""
+        return f"{error.code}: {error.message}" if isinstance(error, BudgetExceeded) else error.message
+
+    @staticmethod
+    def _cost_context(unit: _Unit) -> CallContext:
+        """Who pays for a unit: its message's source and task, and the content's owner as tenant and user."""
+        return CallContext(
+            source=unit.message.source,
+            user_id=unit.message.owner_id,
+            tenant_id=unit.message.owner_id,
+            task_id=unit.message.task_id,
+        )
 
     def _write(self, collection: str, points: list[Point]) -> None:
         """Store-backed points are written only over older versions (closing the read-then-write race)."""

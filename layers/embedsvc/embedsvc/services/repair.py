@@ -33,6 +33,7 @@ from embedsvc.errors import EmbedServiceError
 from embedsvc.models.messages import IndexMessage
 from embedsvc.services.consistency_metrics import MetricsSink, emit_metrics
 from embedsvc.services.merge_join import compare
+from embedsvc.services.model_config import ModelConfig
 
 if TYPE_CHECKING:
     from embedsvc.adapters.content_store import ContentStore, PointState
@@ -150,8 +151,10 @@ class RepairJob:
         metrics: MetricsSink | None = None,
         overlap: timedelta = DEFAULT_OVERLAP,
         page: int = DEFAULT_PAGE,
+        model_config: ModelConfig | None = None,
     ):
         self.store = store
+        self.model_config = model_config or ModelConfig(settings)
         self.vectors = vectors
         self.queue = queue
         self.settings = settings
@@ -189,7 +192,7 @@ class RepairJob:
         return report
 
     def _repair(self, content_type: str, progress: Progress | None) -> ContentTypeRepair:
-        models = self.settings.models_for(content_type)
+        models = self.model_config.models_for(content_type)
         collections = {model: collection_name(content_type, model) for model in models}
         result = ContentTypeRepair(content_type, since=None)
         result.collections = {name: CollectionRepair() for name in collections.values()}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from embedsvc.errors import InvalidRequest, VectorStoreUnavailable
+from embedsvc.services.model_config import ModelConfig
 from embedsvc.services.ratelimit import Lane
 
 if TYPE_CHECKING:
@@ -50,10 +51,17 @@ class SearchTarget:
 class SearchService:
     """Query texts in, nearest content out, through the embedding service and the vector store."""
 
-    def __init__(self, embeddings: EmbeddingService, vectors: VectorStore, settings: Settings):
+    def __init__(
+        self,
+        embeddings: EmbeddingService,
+        vectors: VectorStore,
+        settings: Settings,
+        model_config: ModelConfig | None = None,
+    ):
         self.embeddings = embeddings
         self.vectors = vectors
         self.settings = settings
+        self.model_config = model_config or ModelConfig(settings)
 
     def alias_target(self, alias: str) -> str | None:
         """The collection an alias points at, or None when there is no such alias."""
@@ -119,7 +127,7 @@ class SearchService:
             elif self.alias_target(content_type) is not None:
                 collection = content_type
             else:
-                collection = f"{content_type}_{settings.models_for(content_type)[0]}"
+                collection = f"{content_type}_{self.model_config.get(content_type).active}"
         target = self.alias_target(collection) or collection
         if not self.vectors.exists(target):
             raise CollectionNotFound(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,27 @@ class GroundTruth:
     def evaluable_queries(self) -> list[str]:
         """Query ids with at least one relevant document: the ones trec_eval averages over."""
         return [qid for qid in self.queries if any(g > 0 for g in self.qrels.get(qid, {}).values())]
+
+    def restricted_to(self, indexed_ids: AbstractSet[str]) -> GroundTruth:
+        """Judgements outside `indexed_ids` removed, and queries left with no relevant document dropped.
+
+        For a content store that holds part of a corpus (the demo's books): neither model can find a
+        document that is not there, so such judgements would only lower both runs alike.
+        """
+        qrels: dict[str, dict[str, int]] = {}
+        for qid, judged in self.qrels.items():
+            kept = {doc: grade for doc, grade in judged.items() if doc in indexed_ids}
+            if any(grade > 0 for grade in kept.values()):
+                qrels[qid] = kept
+        return GroundTruth(
+            name=self.name,
+            queries={qid: text for qid, text in self.queries.items() if qid in qrels},
+            qrels=qrels,
+            irrelevant={
+                q: {d for d in docs if d in indexed_ids} for q, docs in self.irrelevant.items() if q in qrels
+            },
+            warnings=list(self.warnings),
+        )
 
     def head(self, n: int) -> GroundTruth:
         """The first n queries (file order) with their judgements; the corpus is kept whole."""
