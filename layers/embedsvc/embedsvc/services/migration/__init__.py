@@ -1,0 +1,1 @@
+"""Model migration: the workflow's steps (steps.py), its input, lock and records, the backfill and the gate."""
