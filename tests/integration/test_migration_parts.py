@@ -204,3 +204,49 @@ def test_a_backfill_over_its_budget_pauses_with_the_reason(aws):
     assert result["ready"] is False and result["stalled"] is False
     assert "reached its budget" in result["paused"] and "embedsvc budgets set --task m1" in result["paused"]
     assert records.get("m1")["last_check"]["paused"] == result["paused"]
+
+
+def test_migrate_status_shows_phase_progress_and_the_gate(aws, capsys, monkeypatch):
+    import json
+
+    from embedsvc import container
+    from embedsvc.cli import main
+
+    records = container.migration_records()
+    records.create(
+        {
+            "migration_id": "mig-verse-minilm-int8-1",
+            "content_type": "verse",
+            "source_model": "minilm",
+            "target_model": "minilm-int8",
+            "status": "running",
+            "phase": "wait",
+            "phases": ["begin", "shadow", "backfill", "wait"],
+            "requested_by": "ana",
+            "started_at": 1796178442.0,
+            "backfill": {"queued": 1309, "total": 4221, "done": False},
+            "last_check": {"points": 1200, "missing": 3021, "stale": 0, "checks": 4, "paused": None},
+            "gate": {
+                "passed": False,
+                "queries": 500,
+                "old_metrics": {"ndcg_at_10": 0.25},
+                "new_metrics": {"ndcg_at_10": 0.20},
+                "regressions": ["ndcg_at_10"],
+            },
+        }
+    )
+    assert main(["migrate", "status", "verse"]) == 0
+    out = capsys.readouterr().out
+    assert "verse: active minilm" in out and "phase wait" in out and "requested by ana" in out
+    assert "31%" in out and "1309/4221" in out  # the backfill's progress bar
+    assert "3021 missing" in out and "gate FAILED on 500 queries" in out and "<- regressed" in out
+    assert main(["migrate", "status", "note", "--format", "json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["note"]["migration"] is None and answer["note"]["models"]["active"]
+
+
+def test_migrate_start_refuses_bad_input_before_starting_anything(aws, capsys):
+    from embedsvc.cli import main
+
+    assert main(["migrate", "start", "verse", "bert", "--ground-truth", "g.jsonl"]) == 2
+    assert "unknown target_model 'bert'" in capsys.readouterr().err
