@@ -56,9 +56,9 @@ MAX_WAIT_SECONDS = 1.0
 def check_interval_seconds(rows: int) -> int:
     """How often (ASL seconds) the workflow audits the new collection: about a 100th of the rows.
 
-    From its fifth check on, every fifth check re-queues whatever is still missing, backlog included, so
-    checks come no faster than the queue drains; during the wait phase the real wait is that times
-    WAIT_SCALE, not capped at MAX_WAIT_SECONDS (see `follow`).
+    A check audits the whole new collection, so checks far faster than the queue drains only cost CPU
+    the worker needs; during the wait phase the real wait is that times WAIT_SCALE, not capped at
+    MAX_WAIT_SECONDS (see `follow`).
     """
     return max(4, min(40, rows // 100))
 
