@@ -114,17 +114,10 @@ def _wait_for(predicate, timeout: float = 300, what: str = "a condition", stack=
 
 
 def _drain_queue() -> None:
-    """Until IndexQueue holds nothing, visible or in flight, twice in a row (the worker polls meanwhile)."""
-    from embedsvc.adapters.aws import client
+    """Until IndexQueue holds nothing, visible or in flight (the worker polls meanwhile)."""
+    from embedsvc.local.demo_migration import wait_for_queue
 
-    sqs, url, empty = client("sqs"), os.environ["INDEX_QUEUE_URL"], 0
-    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
-    deadline = time.monotonic() + 120
-    while empty < 2 and time.monotonic() < deadline:
-        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
-        empty = empty + 1 if all(attributes[n] == "0" for n in names) else 0
-        time.sleep(0.3)
-    assert empty >= 2, "IndexQueue did not drain"
+    assert wait_for_queue(timeout=120)["queued"] == 0, "IndexQueue did not drain"
 
 
 class Searcher(threading.Thread):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedsvc.cli.migrate import TERMINAL
 from embedsvc.local import demo_content
 from embedsvc.local.demo import DATA, load_verses, progress_bar
 from embedsvc.local.stack import ROOT, LocalStack
@@ -47,7 +48,6 @@ WEAK_MODEL = "minilm-m2v"
 DEFAULT_BOOKS = ("Ps", "Prov", "John")
 QUICK_BOOKS = ("Jas",)  # 108 verses, 660 topical queries with a relevant verse in it: the gate still decides
 TOPICS = DATA / "bible_eval" / "topics"
-TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 # Real seconds per ASL Wait second, and the longest real wait: the 48 h window passes in a few seconds.
 WAIT_SCALE = 0.25
 MAX_WAIT_SECONDS = 1.0

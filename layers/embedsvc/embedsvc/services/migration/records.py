@@ -51,7 +51,7 @@ def _plain(value: Any) -> Any:
 
 
 class MigrationRecords:
-    """The lock and the records, on the state table through boto3's resource API."""
+    """The lock and the records, on the state table (boto3's client, items typed by its serializer)."""
 
     def __init__(self, table_name: str, dynamodb_client: Any, *, clock: Callable[[], float] = time.time):
         import boto3.dynamodb.types as types
