@@ -134,6 +134,11 @@ def status_lines(record: dict[str, Any], lock: dict[str, Any] | None) -> list[st
     if gate:
         lines.append(
             f"  gate {'passed' if gate.get('passed') else 'FAILED'} on {gate.get('queries')} queries"
+            + (
+                f" ({gate['changed_during_gate']} documents written during the gate left out)"
+                if gate.get("changed_during_gate")
+                else ""
+            )
         )
         for metric, old in (gate.get("old_metrics") or {}).items():
             new = (gate.get("new_metrics") or {}).get(metric)

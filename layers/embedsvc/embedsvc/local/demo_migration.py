@@ -368,6 +368,10 @@ def print_gate(record: dict[str, Any]) -> None:
         f"   evaluation on {gate.get('queries'):,} topical queries (OpenBible, restricted to the verses loaded): "
         f"gate {'passed' if gate.get('passed') else 'FAILED'}"
     )
+    if gate.get("changed_during_gate"):
+        print(
+            f"   {gate['changed_during_gate']} verses written while the gate searched: left out of both runs"
+        )
     print(
         f"     {'metric':<16}{gate.get('old_model', 'old'):>12}{gate.get('new_model', 'new'):>12}{'delta':>9}"
     )
