@@ -59,6 +59,31 @@ def test_500_falls_back_to_the_next_provider_of_the_same_model(service, call_api
     assert np.allclose(body["data"][0]["embedding"], hash_vector("hello", 1536), atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "<html>502 Bad Gateway</html>",
+        '{"object": "list"}',
+        '{"data": [{"index": 0}]}',
+        '{"data": [{"embedding": "AAAA"}]}',
+    ],
+)
+def test_a_200_whose_body_is_not_embeddings_falls_back_with_the_reason(service, call_api, sim, sim2, broken):
+    # Given a first endpoint that answers 200 with something other than an embeddings list
+    sim.inject(Fault(body=broken))
+    # When a request comes, Then the next endpoint serves it
+    status, body, _ = call_api({"input": "hello", "model": TE3S})
+    assert status == 200
+    assert sim2.calls == 1
+    assert np.allclose(body["data"][0]["embedding"], hash_vector("hello", 1536), atol=1e-6)
+    # and with no endpoint left, the 503 says what the answer was
+    sim.inject(Fault(body=broken))
+    sim2.inject(Fault(body=broken))
+    status, body, _ = call_api({"input": "hello again", "model": TE3S})
+    assert status == 503
+    assert "not an embeddings list" in body["error"]["message"]
+
+
 def test_timeout_falls_back_to_the_next_provider(service, call_api, sim, sim2):
     sim.inject(Fault(delay_seconds=3.0))  # the provider's timeout is 2 s
     status, _, _ = call_api({"input": "hello", "model": TE3S})

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from embedsvc.local.json_http import send_json, send_raw
+
 DEFAULT_DIMENSIONS = {
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
@@ -53,6 +55,7 @@ class Fault:
     delay_seconds: float = 0.0
     message: str = "injected fault"
     code: str = "injected"  # OpenAI's error code, e.g. "insufficient_quota"
+    body: str | None = None  # a 200 with this body instead of embeddings (a proxy's HTML page, a truncation)
 
 
 @dataclass
@@ -164,14 +167,7 @@ class ProviderSimulator:
                 pass
 
             def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body, headers)
 
             def _error(
                 self, status: int, message: str, code: str, headers: dict[str, str] | None = None
@@ -210,6 +206,10 @@ class ProviderSimulator:
                 if fault and fault.status:
                     sim.records.append(RequestRecord(now, model, len(inputs), tokens, fault.status, user))
                     self._error(fault.status, fault.message, fault.code, fault.headers)
+                    return
+                if fault and fault.body is not None:
+                    sim.records.append(RequestRecord(now, model, len(inputs), tokens, 200, user))
+                    send_raw(self, 200, fault.body.encode())
                     return
                 if any(not isinstance(t, str) or t == "" for t in inputs):
                     sim.records.append(RequestRecord(now, model, len(inputs), tokens, 400, user))
