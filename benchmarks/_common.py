@@ -20,6 +20,7 @@ BENCH_ENV = {
     "AWS_REGION": "us-east-1",
     "CACHE_TABLE": "bench-cache",
     "LEDGER_TABLE": "bench-ledger",
+    "COSTS_TABLE": "bench-costs",
     "API_KEYS_TABLE": "bench-keys",
     "POWERTOOLS_TRACE_DISABLED": "true",
     "POWERTOOLS_LOG_LEVEL": "ERROR",
@@ -42,14 +43,17 @@ def moto_environment(extra: dict[str, str] | None = None):
         reset_settings()
         from embedsvc.adapters.aws import client
         from embedsvc.adapters.cache import create_cache_table
+        from embedsvc.adapters.cost_store import create_costs_table
         from embedsvc.services.ratelimit import create_ledger_table
 
         create_cache_table(client("dynamodb"), BENCH_ENV["CACHE_TABLE"])
         create_ledger_table(client("dynamodb"), BENCH_ENV["LEDGER_TABLE"])
+        create_costs_table(client("dynamodb"), BENCH_ENV["COSTS_TABLE"])
         from embedsvc import container
         from embedsvc.observability import CostRecorder
 
-        container.put("costs", CostRecorder(sink=lambda blob: None))  # EMF lines would flood stdout
+        # EMF lines would flood stdout; the daily roll-up is written at each invocation's end, as on AWS
+        container.put("costs", CostRecorder(sink=lambda blob: None, store=container.cost_store))
         yield container
         reset_settings()
 
@@ -91,14 +95,17 @@ def moto_server_environment(extra: dict[str, str] | None = None):
     try:
         from embedsvc.adapters.aws import client
         from embedsvc.adapters.cache import create_cache_table
+        from embedsvc.adapters.cost_store import create_costs_table
         from embedsvc.services.ratelimit import create_ledger_table
 
         create_cache_table(client("dynamodb"), BENCH_ENV["CACHE_TABLE"])
         create_ledger_table(client("dynamodb"), BENCH_ENV["LEDGER_TABLE"])
+        create_costs_table(client("dynamodb"), BENCH_ENV["COSTS_TABLE"])
         from embedsvc import container
         from embedsvc.observability import CostRecorder
 
-        container.put("costs", CostRecorder(sink=lambda blob: None))  # EMF lines would flood stdout
+        # EMF lines would flood stdout; the daily roll-up is written at each invocation's end, as on AWS
+        container.put("costs", CostRecorder(sink=lambda blob: None, store=container.cost_store))
         yield container
     finally:
         reset_settings()
@@ -107,8 +114,12 @@ def moto_server_environment(extra: dict[str, str] | None = None):
         process.join(timeout=10)
 
 
-def api_call(body: dict) -> dict:
-    """One request through the real API handler (as API Gateway would invoke it)."""
+def api_call(body: dict, runtime=None) -> dict:
+    """One request through the real API handler (as API Gateway would invoke it).
+
+    With `runtime` (a LocalExtensionsApi), it is invoked as Lambda invokes it, extensions included; the
+    answer is returned when the handler has it, as Lambda returns it while extensions still run.
+    """
     from embedsvc.local.gateway import rest_event
     from embedsvc.local.lambda_context import LocalLambdaContext
     from functions.api.app import lambda_handler
@@ -120,7 +131,9 @@ def api_call(body: dict) -> dict:
         json.dumps(body),
         {"principalId": "bench", "tenant_id": "bench", "user_id": "bench"},
     )
-    answer = lambda_handler(event, LocalLambdaContext("api"))
+    answer = (
+        runtime.invoke(lambda_handler, event) if runtime else lambda_handler(event, LocalLambdaContext("api"))
+    )
     if answer["statusCode"] != 200:
         raise RuntimeError(answer["body"])
     return json.loads(answer["body"])

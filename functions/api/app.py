@@ -19,7 +19,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from embedsvc import container
+from embedsvc import container, post_response
 from embedsvc.adapters.content_store import NewContent
 from embedsvc.api import (
     embeddings_response,
@@ -56,6 +56,10 @@ from embedsvc.observability import (
     flush_costs,
 )
 from embedsvc.services.documents import MAX_IMPORT_DOCUMENTS
+
+# In Lambda, the cost roll-up is written after each answer has left (see embedsvc/post_response.py); the
+# extension must register now, during init, before the runtime asks for the first invocation.
+post_response.start(lambda: container.costs().flush())
 
 # Stop waiting for budget or a provider this long before the function's timeout, to answer in time.
 ANSWER_SECONDS = 1.0

@@ -351,7 +351,11 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 def flush_costs(handler: Handler) -> Handler:
     """Decorate a Lambda handler: its costs reach the roll-up before the invocation ends (Lambda freezes the
-    process once it answers). A failed flush is logged, never raised: the request's answer stands."""
+    process once it is done). A failed flush is logged, never raised: the request's answer stands.
+
+    Where the post-response extension runs (the API: `embedsvc.post_response`), the handler only reports
+    the request done and the extension writes the roll-up after the answer has left; elsewhere the
+    handler writes it before returning."""
 
     @functools.wraps(handler)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -359,11 +363,20 @@ def flush_costs(handler: Handler) -> Handler:
             return handler(*args, **kwargs)
         finally:
             with contextlib.suppress(Exception):
-                from embedsvc import container
-
-                container.costs().flush()
+                _after_invocation(kwargs.get("context", args[1] if len(args) > 1 else None))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _after_invocation(lambda_context: Any) -> None:
+    from embedsvc import container, post_response
+
+    flusher = post_response.current()
+    request_id = getattr(lambda_context, "aws_request_id", None)
+    if flusher is not None and request_id:
+        flusher.request_done(str(request_id))
+        return
+    container.costs().flush()
 
 
 # ---- correlation ids ----
