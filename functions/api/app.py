@@ -100,6 +100,13 @@ def _deadline() -> float:
     return time.monotonic() + remaining - ANSWER_SECONDS
 
 
+# Two 429s: the shared rate limit (retry after Retry-After) and a spent budget (do not retry).
+_RATE_LIMITED = _error(
+    "Rate limited (`rate_limit_exceeded`: retry after `Retry-After`), or a budget of this task or tenant "
+    "is spent (`budget_exceeded`, with `x-should-retry: false`: waiting does not refill it; see "
+    "`embedsvc budgets`)"
+)
+
 # Private content types are answered only for the caller's tenant: another tenant's document is a 404,
 # exactly as one that does not exist, so that no route can tell whether it does.
 _CONTENT_ERRORS: dict[int, OpenAPIResponse] = {
@@ -132,7 +139,7 @@ _WRITE_ERRORS: dict[int, OpenAPIResponse] = {
         401: _error("Missing or wrong API key"),
         404: _error("Unknown model (`model_not_found`)"),
         415: _error("The body is not `application/json`"),
-        429: _error("Rate limited; see Retry-After"),
+        429: _RATE_LIMITED,
         500: _error("Unexpected server error"),
         503: _error("No provider could answer"),
     },
@@ -265,7 +272,7 @@ def import_documents(content_type: ContentTypePath, body: ImportRequest):
         200: _ok("Hits, best first", SearchResponse),
         **_CONTENT_ERRORS,
         404: _error("Unknown content type (`content_type_not_found`)"),
-        429: _error("Rate limited; see Retry-After"),
+        429: _RATE_LIMITED,
         503: _error("No provider, the vector store or the content store could answer"),
     },
 )
