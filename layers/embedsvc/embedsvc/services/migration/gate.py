@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from embedsvc.adapters.qdrant import collection_name
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from embedsvc.adapters.content_store import ContentStore
     from embedsvc.services.evaluation.compare import Comparison
     from embedsvc.services.evaluation.groundtruth import GroundTruth
@@ -122,7 +124,7 @@ class MigrationGate:
         return {row.id: row.version for row in self.store.iter_point_states(content_type) if not row.deleted}
 
     @staticmethod
-    def _evaluable(ground_truth: GroundTruth, live: Any, content_type: str) -> GroundTruth:
+    def _evaluable(ground_truth: GroundTruth, live: Iterable[str], content_type: str) -> GroundTruth:
         from embedsvc.services.evaluation.groundtruth import EvalDataError
 
         restricted = ground_truth.restricted_to(set(live))
