@@ -9,8 +9,6 @@ received: the sum of what it counted is what the budget must hold to.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import queue
 import random
 import time
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from embedsvc.local.provider_sim import ProviderSimulator
-from tests.integration.test_ratelimit_processes import WORDS, endpoint, estimate, miscount
+from tests.integration.test_ratelimit_processes import WORDS, endpoint, estimate, miscount, spawn_together
 
 __all__ = ["endpoint"]  # the module's moto server fixture, shared
 
@@ -135,28 +133,7 @@ def run_processes(endpoint: str, *, task: dict, tenant: dict, bulk: bool) -> tup
     store.set("task", TASK, **task)
     store.set("tenant", TENANT, **tenant)
     with ProviderSimulator(dimensions={MODEL: 8}, token_counter=miscount) as sim:
-        ctx = mp.get_context("spawn")
-        start_at = ctx.Value("d", 0.0)
-        ready = ctx.Barrier(PROCESSES + 1, timeout=180)
-        results = ctx.Queue()
-        plan = Plan(endpoint=endpoint, base_url=sim.base_url, bulk=bulk)
-        processes = [
-            ctx.Process(target=one_process, args=(i, plan, ready, start_at, results))
-            for i in range(PROCESSES)
-        ]
-        for process in processes:
-            process.start()
-        ready.wait()
-        start_at.value = time.time() + 0.2
-        reports = []
-        while len(reports) < PROCESSES:
-            try:
-                reports.append(results.get(timeout=1))
-            except queue.Empty:
-                crashed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-                assert not crashed, f"a process crashed (exit codes {crashed}); its traceback is above"
-        for process in processes:
-            process.join(timeout=30)
+        reports = spawn_together(one_process, Plan(endpoint=endpoint, base_url=sim.base_url, bulk=bulk))
         records = list(sim.records)
     states = {}
     for scope, key in (("task", TASK), ("tenant", TENANT)):

@@ -227,6 +227,30 @@ def endpoint():
     undo()
 
 
+def spawn_together(target, plan, count: int = PROCESSES) -> list[dict]:
+    """Spawn `count` processes running target(index, plan, ready, start_at, results), release them at one
+    moment, and return one report from each; a crashed process fails the test at once."""
+    ctx = mp.get_context("spawn")
+    start_at = ctx.Value("d", 0.0)
+    ready = ctx.Barrier(count + 1, timeout=180)  # spawning and importing take a while on 2 cores
+    results = ctx.Queue()
+    processes = [ctx.Process(target=target, args=(i, plan, ready, start_at, results)) for i in range(count)]
+    for process in processes:
+        process.start()
+    ready.wait()
+    start_at.value = time.time() + 0.2
+    reports: list[dict] = []
+    while len(reports) < count:
+        try:
+            reports.append(results.get(timeout=1))
+        except queue.Empty:
+            crashed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            assert not crashed, f"a process crashed (exit codes {crashed}); its traceback is above"
+    for process in processes:
+        process.join(timeout=30)
+    return reports
+
+
 def run_processes(endpoint: str, **plan_fields) -> tuple[list, list[dict]]:
     """Start eight processes against a fresh table and simulator; returns (provider records, reports)."""
     import boto3
@@ -245,28 +269,7 @@ def run_processes(endpoint: str, **plan_fields) -> tuple[list, list[dict]]:
     with ProviderSimulator(
         tpm=TPM, rpm=RPM, window_seconds=WINDOW, dimensions={MODEL: 8}, token_counter=miscount
     ) as sim:
-        ctx = mp.get_context("spawn")
-        start_at = ctx.Value("d", 0.0)
-        ready = ctx.Barrier(PROCESSES + 1, timeout=180)  # spawning and importing take a while on 2 cores
-        results = ctx.Queue()
-        plan = Plan(endpoint=endpoint, base_url=sim.base_url, **plan_fields)
-        processes = [
-            ctx.Process(target=one_process, args=(i, plan, ready, start_at, results))
-            for i in range(PROCESSES)
-        ]
-        for process in processes:
-            process.start()
-        ready.wait()
-        start_at.value = time.time() + 0.2
-        reports = []
-        while len(reports) < PROCESSES:
-            try:
-                reports.append(results.get(timeout=1))
-            except queue.Empty:
-                crashed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-                assert not crashed, f"a process crashed (exit codes {crashed}); its traceback is above"
-        for process in processes:
-            process.join(timeout=30)
+        reports = spawn_together(one_process, Plan(endpoint=endpoint, base_url=sim.base_url, **plan_fields))
         return list(sim.records), reports
 
 

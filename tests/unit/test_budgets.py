@@ -26,30 +26,12 @@ from embedsvc.services.ratelimit import (
     item_key,
     parse_item,
 )
+from tests.unit.ledger_fakes import FakeClock, Recorder
 
 TABLE = "budgets-test"
 LIMIT = LimitSpec(key="openai:text-embedding-3-small", tpm=100_000, rpm=1000, window_seconds=60.0)
 PRICE = 0.02  # text-embedding-3-small, $ per 1M tokens
 T0 = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
-
-
-class FakeClock:
-    def __init__(self, start: float = T0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Recorder:
-    def __init__(self):
-        self.counts: list[tuple[str, float, dict]] = []
-
-    def count(self, name: str, value: float = 1, **dimensions: str) -> None:
-        self.counts.append((name, value, dimensions))
 
 
 class ClientProxy:
@@ -92,7 +74,7 @@ def ddb():
 
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

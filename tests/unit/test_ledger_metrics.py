@@ -8,31 +8,10 @@ from moto import mock_aws
 
 from embedsvc.errors import ServiceOverloaded
 from embedsvc.services.ratelimit import Lane, LimitSpec, RateLimitLedger, create_ledger_table
+from tests.unit.ledger_fakes import FakeClock, Recorder
 
 TABLE = "ledger-metrics-test"
 LIMIT = LimitSpec(key="openai:text-embedding-3-small", tpm=1000, rpm=100, window_seconds=60.0)
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_700_000_000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Recorder:
-    def __init__(self):
-        self.counts: list[tuple[str, float, dict]] = []
-
-    def count(self, name: str, value: float = 1, **dimensions: str) -> None:
-        self.counts.append((name, value, dimensions))
-
-    def named(self, name: str) -> list[tuple[float, dict]]:
-        return [(value, dims) for n, value, dims in self.counts if n == name]
 
 
 @pytest.fixture

@@ -25,23 +25,11 @@ from embedsvc.services.ratelimit import (
     slot_of,
     wait_until_fits,
 )
+from tests.unit.ledger_fakes import FakeClock
 
 TABLE = "ratelimit-test"
 LIMIT = LimitSpec(key="openai:text-embedding-3-small", tpm=1000, rpm=100, window_seconds=60.0)
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    """Time that moves only when someone sleeps."""
-
-    def __init__(self, start: float = T0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +52,7 @@ def ddb():
 
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return FakeClock(T0)
 
 
 def ledger_for(client, clock: FakeClock, **kwargs) -> RateLimitLedger:

@@ -963,19 +963,13 @@ class RateLimitLedger:
         budget is charged after the grant, each in one conditional write; BudgetExceeded (nothing granted
         or charged) when one would be passed.
         """
-        if not charges:
-            return self._grant(
-                limit,
-                tokens,
-                lane,
-                max_wait_seconds=max_wait_seconds,
-                tenant=tenant,
-                tenant_share=tenant_share,
-            )
-        pending = self._precheck_budgets(charges)  # a spent budget is refused before any rate-limit wait
+        # A spent budget is refused before any rate-limit wait.
+        pending = self._precheck_budgets(charges) if charges else None
         reservation = self._grant(
             limit, tokens, lane, max_wait_seconds=max_wait_seconds, tenant=tenant, tenant_share=tenant_share
         )
+        if pending is None:
+            return reservation
         try:
             charged = self._charge_budgets(pending)
         except BaseException:

@@ -127,28 +127,24 @@ class MigrationSteps:
         if resumable:
             assert latest is not None
             migration_id = latest["migration_id"]
-            self.records.acquire(
-                request.content_type,
-                execution_arn,
-                migration_id,
-                self._lease(request.model_dump()),
-                stale_owner=stale,
-            )
-            self.records.update(migration_id, execution=execution_arn, resumed_at=self.clock())
-            logger.info(
-                "resuming migration", extra={"migration_id": migration_id, "phase": latest.get("phase")}
-            )
-            record = self.records.get(migration_id)
         else:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             migration_id = f"mig-{request.content_type}-{request.target_model}-{stamp}-{uuid.uuid4().hex[:6]}"
-            self.records.acquire(
-                request.content_type,
-                execution_arn,
-                migration_id,
-                self._lease(request.model_dump()),
-                stale_owner=stale,
+        self.records.acquire(
+            request.content_type,
+            execution_arn,
+            migration_id,
+            self._lease(request.model_dump()),
+            stale_owner=stale,
+        )
+        if resumable:
+            self.records.update(migration_id, execution=execution_arn, resumed_at=self.clock())
+            logger.info(
+                "resuming migration",
+                extra={"migration_id": migration_id, "phase": (latest or {}).get("phase")},
             )
+            record = self.records.get(migration_id)
+        else:
             record = self.records.create(
                 {
                     "migration_id": migration_id,
