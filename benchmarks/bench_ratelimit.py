@@ -70,6 +70,7 @@ class Config:
     guard: float
     lease: float
     pace: float
+    idle_ceiling: float
     skew: float
     max_delay: float
     phase1: float
@@ -164,6 +165,7 @@ def make_ledger(cfg: Config, skew: float, *, lease: float = 0.0):
         clock=lambda: time.time() + skew,
         lease_seconds=lease,
         bulk_pace=cfg.pace or None,
+        bulk_idle_ceiling=cfg.idle_ceiling,
     )
     return limit, ledger
 
@@ -348,6 +350,8 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 
 def main() -> None:
     """Run both phases and print the summary as the last line."""
+    from embedsvc.services.ratelimit import DEFAULT_BULK_IDLE_CEILING
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=16, help="bulk worker processes")
     parser.add_argument("--steady-workers", type=int, default=2, help="of them, the second tenant's")
@@ -355,12 +359,20 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=20.0, help="the provider's window, seconds")
     parser.add_argument("--tpm", type=int, default=120_000, help="tokens per window")
     parser.add_argument("--rpm", type=int, default=2_400, help="requests per window")
-    parser.add_argument("--slots", type=int, default=120)
+    parser.add_argument(
+        "--slots", type=int, default=60, help="the ledger's slots per window (60: the service's default)"
+    )
     parser.add_argument("--guard", type=float, default=1.0, help="the ledger's guard, seconds")
     parser.add_argument(
         "--lease", type=float, default=0.25, help="an API process's realtime lease, seconds (0: none)"
     )
     parser.add_argument("--pace", type=float, default=1.2, help="bulk's most rate, x the average (0: off)")
+    parser.add_argument(
+        "--idle-ceiling",
+        type=float,
+        default=DEFAULT_BULK_IDLE_CEILING,
+        help="the share of the limit bulk may use while users are idle (the service's default)",
+    )
     parser.add_argument("--skew", type=float, default=0.2, help="clocks differ by up to +-this, seconds")
     parser.add_argument("--max-delay", type=float, default=0.1, help="grant-to-provider delay, 0 to this")
     parser.add_argument("--phase1", type=float, default=101.0, help="bulk only, seconds")
@@ -410,6 +422,7 @@ def main() -> None:
         guard=args.guard,
         lease=args.lease,
         pace=args.pace,
+        idle_ceiling=args.idle_ceiling,
         skew=args.skew,
         max_delay=args.max_delay,
         phase1=args.phase1,
@@ -510,6 +523,7 @@ def main() -> None:
         "guard_s": args.guard,
         "lease_s": args.lease,
         "bulk_pace": args.pace,
+        "bulk_idle_ceiling": args.idle_ceiling,
         "realtime_lease_grants": realtime["ledger"].get("lease_grants", 0),
         "ledger_calls_per_grant": round(ledger_totals.get("dynamodb_calls", 0) / grants, 2),
         "dynamodb_call_ms": round(

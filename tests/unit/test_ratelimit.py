@@ -16,12 +16,16 @@ from moto import mock_aws
 from embedsvc.errors import InvalidRequest, LedgerMisconfigured, LedgerUnavailable, ServiceOverloaded
 from embedsvc.services.ratelimit import (
     Lane,
+    LedgerState,
     LimitSpec,
     NoopLedger,
     RateLimitLedger,
     create_ledger_table,
+    first_counted_slot,
     item_key,
     parse_item,
+    plan_wait,
+    removal_ceiling,
     slot_of,
     wait_until_fits,
 )
@@ -178,22 +182,24 @@ def test_the_computed_wait_is_exactly_when_the_request_fits():
     assert wait_until_fits(slots, now=T0 + 5 + wait - 0.01, **kwargs) > 0
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    skews=st.lists(
-        st.sampled_from([-0.2, -0.1, 0.0, 0.1, 0.2]) | st.floats(-0.2, 0.2), min_size=2, max_size=8
-    ),
-    steps=st.lists(
-        st.tuples(
-            st.integers(0, 7),
-            st.floats(0.0, 0.5),
-            st.integers(1, 300),
-            st.sampled_from([0.0, 0.1]) | st.floats(0.0, 0.1),
-        ),
-        min_size=1,
-        max_size=120,
-    ),
+# Callers' clock errors (up to +-200 ms), and their calls: (caller, gap before it, tokens, delivery delay).
+CLOCK_ERRORS = st.lists(
+    st.sampled_from([-0.2, -0.1, 0.0, 0.1, 0.2]) | st.floats(-0.2, 0.2), min_size=2, max_size=8
 )
+SKEWED_CALLS = st.lists(
+    st.tuples(
+        st.integers(0, 7),
+        st.floats(0.0, 0.5),
+        st.integers(1, 300),
+        st.sampled_from([0.0, 0.1]) | st.floats(0.0, 0.1),
+    ),
+    min_size=1,
+    max_size=120,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(skews=CLOCK_ERRORS, steps=SKEWED_CALLS)
 def test_a_guard_of_twice_the_skew_plus_the_delay_spread_covers_skewed_clocks_and_late_arrivals(skews, steps):
     """Callers whose clocks are off by up to +-200 ms decide on their own clock readings; each request
     reaches the provider 0-100 ms after its grant. With a guard of 2 x 0.2 + 0.1 s, the provider's own
@@ -223,6 +229,62 @@ def test_a_guard_of_twice_the_skew_plus_the_delay_spread_covers_skewed_clocks_an
         slot = slots.setdefault(slot_of(now + skew, seconds), [0, 0])
         slot[0] += tokens
         slot[1] += 1
+        arrivals.append((now + delay, tokens))
+    most_tokens, most_requests = max_in_any_window(arrivals, window)
+    assert most_tokens <= tpm
+    assert most_requests <= rpm
+
+
+@settings(max_examples=150, deadline=None)
+@given(skews=CLOCK_ERRORS, steps=SKEWED_CALLS)
+def test_removals_by_clocks_that_run_ahead_hold_no_one_back_and_keep_the_provider_within_its_limit(
+    skews, steps
+):
+    """As above, with the ledger's own decision (`plan_wait`) and its compaction: every grant removes the
+    slots its own clock says have left, so callers whose clocks run behind decide on an item that
+    clocks ahead have already compacted. The guard covers it: no caller within the skew is held back by
+    a removal (the write's `removed_below` condition accepts it), and the provider's own window never
+    holds more than the limit."""
+    window, tpm, rpm, slots_per_window, guard = 10.0, 1000, 9, 200, 0.5
+    limit = LimitSpec(key="sim:compacted", tpm=tpm, rpm=rpm, window_seconds=window, guard_seconds=guard)
+    seconds = window / slots_per_window
+    slots: dict[int, tuple[int, int]] = {}
+    removed_below = 0
+    arrivals: list[tuple[float, int]] = []
+    now = T0  # true time
+    for caller, gap, tokens, delay in steps:
+        now += gap
+        reading = now + skews[caller % len(skews)]
+        while True:
+            assert removed_below <= removal_ceiling(reading, seconds, slots_per_window, guard)
+            state = LedgerState(
+                slots=dict(slots),
+                tokens_total=sum(t for t, _ in slots.values()),
+                requests_total=sum(r for _, r in slots.values()),
+                removed_below=removed_below,
+                exists=True,
+            )
+            wait = plan_wait(
+                state,
+                limit,
+                tokens,
+                Lane.REALTIME,
+                reading,
+                slots_per_window=slots_per_window,
+                bulk_ceiling=0.8,
+                guard_seconds=guard,
+            )
+            if wait == 0:
+                break
+            now += wait
+            reading += wait
+        slot = slot_of(reading, seconds)
+        held = slots.get(slot, (0, 0))
+        slots[slot] = (held[0] + tokens, held[1] + 1)
+        oldest = first_counted_slot(reading, seconds, slots_per_window, guard)
+        for stale in [s for s in slots if s < oldest]:
+            del slots[stale]
+            removed_below = max(removed_below, stale + 1)
         arrivals.append((now + delay, tokens))
     most_tokens, most_requests = max_in_any_window(arrivals, window)
     assert most_tokens <= tpm
@@ -431,12 +493,39 @@ def test_a_shorter_throttle_never_shortens_the_cooldown(ddb, clock):
 # Lanes
 
 
-def test_bulk_uses_the_whole_budget_while_users_are_idle(ddb, clock):
-    ledger = ledger_for(ddb, clock)
+def test_bulk_leaves_the_idle_reserve_free_and_the_first_user_is_granted_from_it_at_once(ddb, clock):
+    worker, api = ledger_for(ddb, clock, bulk_idle_ceiling=0.9), ledger_for(ddb, clock)
+    for _ in range(9):
+        worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    with pytest.raises(ServiceOverloaded):
+        worker.acquire(LIMIT, 1, Lane.BULK, max_wait_seconds=0)  # 901 of 1000: into the reserve
+    assert api.acquire(LIMIT, 100, Lane.REALTIME, max_wait_seconds=0).waited_seconds == 0
+
+
+def test_the_idle_reserve_is_held_by_the_write_condition_not_only_by_the_plan(ddb, clock):
+    first, second = (
+        ledger_for(ddb, clock, bulk_idle_ceiling=0.9),
+        ledger_for(ddb, clock, bulk_idle_ceiling=0.9),
+    )
+    first.acquire(LIMIT, 800, Lane.BULK, max_wait_seconds=0)
+    second.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)  # 900: the first's hint still says 800
+    with pytest.raises(ServiceOverloaded):
+        first.acquire(LIMIT, 50, Lane.BULK, max_wait_seconds=0)
+    assert first.stats()["conflicts"] == 1  # the hint said it fits; DynamoDB's condition refused it
+    assert int(item(ddb)["tokens_total"]["N"]) == 900
+
+
+def test_bulk_uses_the_whole_budget_while_users_are_idle_without_a_reserve(ddb, clock):
+    ledger = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     for _ in range(10):
         ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
     with pytest.raises(ServiceOverloaded):
         ledger.acquire(LIMIT, 1, Lane.BULK, max_wait_seconds=0)
+
+
+def test_an_idle_ceiling_below_the_ceiling_is_refused(ddb, clock):
+    with pytest.raises(ValueError, match="bulk_idle_ceiling"):
+        ledger_for(ddb, clock, bulk_ceiling=0.8, bulk_idle_ceiling=0.7)
 
 
 def test_bulk_stops_at_the_ceiling_while_users_are_active_and_realtime_takes_the_rest(ddb, clock):
@@ -451,19 +540,22 @@ def test_bulk_stops_at_the_ceiling_while_users_are_active_and_realtime_takes_the
     assert api.acquire(LIMIT, 250, Lane.REALTIME, max_wait_seconds=0).waited_seconds == 0
 
 
-def test_bulk_returns_to_the_whole_budget_once_users_leave(ddb, clock):
-    api, worker = ledger_for(ddb, clock), ledger_for(ddb, clock)
+def test_bulk_returns_to_the_idle_ceiling_once_users_leave(ddb, clock):
+    api, worker = ledger_for(ddb, clock), ledger_for(ddb, clock)  # the default idle ceiling: 0.98
     api.acquire(LIMIT, 10, Lane.REALTIME, max_wait_seconds=0)
     clock.sleep(LIMIT.window_seconds + 2)  # no realtime use for a whole window
-    for _ in range(10):
+    for _ in range(9):
         worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
+    worker.acquire(LIMIT, 80, Lane.BULK, max_wait_seconds=0)  # 980 of 1000, above the 0.8 ceiling
+    with pytest.raises(ServiceOverloaded):
+        worker.acquire(LIMIT, 1, Lane.BULK, max_wait_seconds=0)
 
 
 @pytest.mark.parametrize("realtime_waiting", [True, False])
 def test_a_waiting_realtime_caller_is_not_starved_by_bulk_in_other_processes(ddb, clock, realtime_waiting):
     """Bulk fills the window while users are idle; a user arrives. The slot that frees next must go to the
     user, though a bulk worker elsewhere asks for it first."""
-    worker = ledger_for(ddb, clock)
+    worker = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
     clock.sleep(1.0)
     for _ in range(9):
@@ -494,7 +586,7 @@ def test_a_waiting_realtime_caller_is_not_starved_by_bulk_in_other_processes(ddb
 
 
 def test_a_refused_realtime_caller_still_makes_bulk_yield(ddb, clock):
-    worker, api = ledger_for(ddb, clock), ledger_for(ddb, clock)
+    worker, api = ledger_for(ddb, clock, bulk_idle_ceiling=1.0), ledger_for(ddb, clock)
     for _ in range(10):
         worker.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=0)
     with pytest.raises(ServiceOverloaded):
@@ -506,7 +598,7 @@ def test_a_refused_realtime_caller_still_makes_bulk_yield(ddb, clock):
 
 
 def test_max_wait_exceeded_raises_service_overloaded_with_an_honest_retry_after(ddb, clock):
-    ledger = ledger_for(ddb, clock)
+    ledger = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     ledger.acquire(LIMIT, 1000, Lane.BULK, max_wait_seconds=0)
     clock.sleep(10)
     with pytest.raises(ServiceOverloaded) as refused:
@@ -519,7 +611,7 @@ def test_max_wait_exceeded_raises_service_overloaded_with_an_honest_retry_after(
 
 
 def test_waiting_sleeps_until_the_budget_frees_instead_of_polling(ddb, clock):
-    ledger = ledger_for(ddb, clock)
+    ledger = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     ledger.acquire(LIMIT, 1000, Lane.BULK, max_wait_seconds=0)
     reservation = ledger.acquire(LIMIT, 100, Lane.BULK, max_wait_seconds=120)
     assert 61 <= reservation.waited_seconds < 62
@@ -697,10 +789,44 @@ def test_totals_that_disagree_with_their_slots_are_repaired(ddb, clock):
         UpdateExpression="SET tokens_total = :big",
         ExpressionAttributeValues={":big": {"N": "5000"}},
     )
-    fresh = ledger_for(ddb, clock)
+    fresh = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     fresh.acquire(LIMIT, 900, Lane.BULK, max_wait_seconds=0)
     assert fresh.stats()["repairs"] == 1
     assert item(ddb)["tokens_total"]["N"] == "1000"
+
+
+SKEWED = LimitSpec(key="sim:skewed", tpm=1000, rpm=100, window_seconds=10.0, guard_seconds=0.5)
+
+
+def skewed_ledger(ddb, clock: FakeClock, offset: float) -> RateLimitLedger:
+    """A 'process' whose clock is off by `offset` seconds."""
+    return RateLimitLedger(TABLE, ddb, clock=lambda: clock() + offset, sleep=clock.sleep)
+
+
+def compact_by_a_clock_ahead(ddb, clock: FakeClock, ahead: float) -> int:
+    """A process `ahead` s fast fills the window, and once the slot has left, its next grant removes it."""
+    fast = skewed_ledger(ddb, clock, ahead)
+    fast.acquire(SKEWED, 900, Lane.REALTIME, max_wait_seconds=0)
+    clock.sleep(SKEWED.window_seconds + 2 * 10.0 / 60 + SKEWED.guard_seconds)
+    fast.acquire(SKEWED, 200, Lane.REALTIME, max_wait_seconds=0)  # fits only without the old slot
+    assert fast.stats()["compactions"] == 1
+    return int(item(ddb, SKEWED.key)["removed_below"]["N"])
+
+
+def test_a_clock_behind_is_not_held_back_by_what_a_clock_ahead_removed(ddb, clock):
+    removed_below = compact_by_a_clock_ahead(ddb, clock, ahead=0.2)
+    slow = skewed_ledger(ddb, clock, -0.2)
+    assert first_counted_slot(clock() - 0.2, 10.0 / 60, 60, 0.5) < removed_below  # it still counts them
+    assert slow.acquire(SKEWED, 100, Lane.REALTIME, max_wait_seconds=0).waited_seconds == 0
+
+
+def test_a_reading_stale_by_more_than_the_guard_cannot_grant_past_a_removal(ddb, clock):
+    compact_by_a_clock_ahead(ddb, clock, ahead=0.2)
+    stale = skewed_ledger(ddb, clock, -1.5)  # e.g. a process frozen between its clock reading and its write
+    with pytest.raises(ServiceOverloaded):
+        stale.acquire(SKEWED, 100, Lane.REALTIME, max_wait_seconds=0)
+    waited = stale.acquire(SKEWED, 100, Lane.REALTIME, max_wait_seconds=5).waited_seconds
+    assert 0.5 < waited < 1.7  # until the removals lie within what its own clock, a guard ahead, removes
 
 
 def test_noop_ledger_grants_at_once():
@@ -753,13 +879,13 @@ def test_an_idle_api_process_reserves_exactly_what_it_asks(ddb, clock):
 
 def test_paced_bulk_spreads_a_backlog_over_the_window(ddb, clock):
     limit = LimitSpec(key="sim:pace", tpm=1200, rpm=1000, window_seconds=60.0, guard_seconds=0.0)
-    worker = ledger_for(ddb, clock, bulk_pace=1.2)
+    worker = ledger_for(ddb, clock, bulk_pace=1.2, bulk_idle_ceiling=1.0)
     grants = [worker.acquire(limit, 100, Lane.BULK, max_wait_seconds=120).granted_at for _ in range(12)]
     # 1,200 tokens at 1.2 x the average rate take about 50 s, not one instant; no eighth of the window
     # (7.5 s) holds more than 1.2 x its share (180 tokens: one 100-token grant at a time).
     assert grants[-1] - grants[0] > 40
     assert all(b - a > 0 for a, b in zip(grants, grants[1:], strict=False))
-    unpaced = ledger_for(ddb, clock)
+    unpaced = ledger_for(ddb, clock, bulk_idle_ceiling=1.0)
     clock.sleep(200)
     start = clock()
     for _ in range(12):

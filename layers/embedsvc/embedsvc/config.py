@@ -310,6 +310,9 @@ class Settings(BaseSettings):
     worker_use_cache: bool = False
     # Share of a limit bulk work may use while users are active.
     bulk_ceiling: float = Field(default=0.8, gt=0, le=1)
+    # Share of a limit bulk work may use while users are idle; the rest is room the first arriving users get
+    # at once, before bulk workers have backed off to the ceiling. At least `bulk_ceiling`.
+    bulk_idle_ceiling: float = Field(default=0.98, gt=0, le=1)
     # How long a caller may wait for rate-limit budget before the service sheds it (API: 429; worker: retry).
     realtime_max_wait_seconds: float = Field(default=5.0, ge=0)
     bulk_max_wait_seconds: float = Field(default=60.0, ge=0)
@@ -382,6 +385,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.bulk_idle_ceiling < self.bulk_ceiling:
+            raise ValueError(
+                f"BULK_IDLE_CEILING ({self.bulk_idle_ceiling}) must be at least BULK_CEILING ({self.bulk_ceiling})"
+            )
         for content_type, keys in self.content_models.items():
             for key in keys:
                 if key not in self.registry.models:

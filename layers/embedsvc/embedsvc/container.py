@@ -66,6 +66,7 @@ def ledger():
             s.ledger_table,
             client("dynamodb", fast=True),
             bulk_ceiling=s.bulk_ceiling,
+            bulk_idle_ceiling=s.bulk_idle_ceiling,
             fallback_share=s.ledger_fallback_share,
             fallback_processes=s.ledger_fallback_processes,
             metrics=ops_metrics(),

@@ -18,12 +18,15 @@ is really at stake. (A version compare-and-set would fail every write that raced
 under load that turned into chains of retries that starved realtime callers.) Slots that left the
 window stay in the totals, which only errs on the safe side, until a grant needs their room or enough
 pile up: that grant removes them in the same write, subtracts exactly their values (conditioned on
-those values being unchanged) and raises `removed_below`. Every grant's condition also requires that
-no slot its windows count has been removed, so a caller whose clock reading went stale before its
-write landed cannot miss slots a newer caller removed meanwhile. A failed condition returns the item (`ReturnValuesOnConditionCheckFailure`),
-so the caller decides again without another read. The last item seen is kept per process only as a
-hint: when it says the request fits, the first attempt is the write alone (one call); otherwise, or
-after a wait, the caller reads first (a consistent GetItem, then the UpdateItem). `reconcile` adds the
+those values being unchanged) and raises `removed_below`. A caller whose clock runs ahead removes slots
+that one whose clock runs behind still counts; the guard covers that skew, so such removals are safe
+and do not hold anyone back. Every grant's condition requires only that no slot was removed beyond what
+a clock one guard ahead removes (`removal_ceiling`), so a caller whose clock reading went stale before
+its write landed cannot miss slots removed meanwhile. A failed condition returns the item
+(`ReturnValuesOnConditionCheckFailure`), so the caller decides again without another read. The last
+item seen is kept per process only as a hint: when it says the request fits, the first attempt is the
+write alone (one call); otherwise, or after a wait, the caller reads first (a consistent GetItem, then
+the UpdateItem). `reconcile` adds the
 difference between the provider's reported usage and the estimate to the reservation's slot and the
 totals with an atomic ADD (an exact estimate writes nothing); writes refresh `expires_at`, the
 table's TTL attribute, so idle keys disappear.
@@ -34,14 +37,15 @@ slot do not all arrive together) before deciding again: no polling. A provider 4
 `cooldown_until` to the later of the stored value and now + Retry-After; every caller waits it out.
 
 Lanes. `realtime` may use the whole budget. `bulk` is granted only while the window's total (all lanes)
-stays at or below `bulk_ceiling` x limit whenever users are active, and uses the whole budget when they
-are idle. Users are active while `realtime_until` lies ahead: a realtime grant sets it to now + window,
-and a realtime caller that has to wait first writes its demand there. Bulk conditions test it
-atomically, so from that write on, bulk callers in every process leave the room above the ceiling,
-and the slots that leave the window go to the waiting realtime caller. Bulk can also be paced (at most
-`bulk_pace` x the average rate over any eighth of a window), so that a backlog does not take the whole
-window in one burst: the window then frees a little every few slots, and an arriving user waits that
-long, not up to a window.
+stays at or below `bulk_ceiling` x limit whenever users are active, and at or below `bulk_idle_ceiling`
+x limit (0.98) when they are idle: that idle reserve is what the first arriving users are granted at
+once, before bulk has backed off. Users are active while `realtime_until` lies ahead: a realtime grant
+sets it to now + window, and a realtime caller that has to wait first writes its demand there. Bulk
+conditions test it atomically, so from that write on, bulk callers in every process leave the room
+above the ceiling, and the slots that leave the window go to the waiting realtime caller. Bulk can
+also be paced (at most `bulk_pace` x the average rate over any eighth of a window), so that a backlog
+does not take the whole window in one burst: the window then frees a little every few slots, and an
+arriving user waits that long, not up to a window.
 
 Tenants. With a tenant share configured, a grant must also fit the tenant's own item (`<key>#tenant#<id>`,
 the same sliding window with `share` x limit as its caps). Both conditional updates go in one
@@ -136,6 +140,10 @@ logger = Logger(child=True)
 # A slot keeps counting this long after the window has passed it: the spread, between two requests, of the
 # delay from the grant's clock reading to the provider's (the write's round trip, the send, the network).
 DEFAULT_GUARD_SECONDS = 0.1
+# Bulk may use this share of a limit while users are idle: the rest is the room the first users to arrive
+# are granted at once, while bulk callers in every process learn they are active and back off to
+# `bulk_ceiling`. With the whole budget, those first users waited for bulk's slots to leave the window.
+DEFAULT_BULK_IDLE_CEILING = 0.98
 _COMPACT_AT_STALE_SLOTS = 8  # bounds the item's size when the budget is never tight enough to force it
 _MAX_COMPACTED_SLOTS = 50  # keeps condition and update expressions well under DynamoDB's 4 KB
 _MAX_SLEEP_SECONDS = 5.0
@@ -278,6 +286,18 @@ def first_counted_slot(
     return slot_of(now - guard_seconds, seconds_per_slot) - slots_per_window
 
 
+def removal_ceiling(now: float, seconds_per_slot: float, slots_per_window: int, guard_seconds: float) -> int:
+    """The highest `removed_below` a decision at `now` accepts: what a clock one guard ahead removes.
+
+    A caller whose clock runs ahead removes slots that a caller whose clock runs behind still counts.
+    Those removals are safe: the guard covers twice the skew plus the delivery spread, so a slot's
+    requests have left every provider window by the time any clock within the skew removes it, and a
+    grant landing after the removal cannot share a window with them. Only a reading stale by more than
+    the delivery spread (a process frozen between its clock reading and its write) sees removals beyond.
+    """
+    return first_counted_slot(now + guard_seconds, seconds_per_slot, slots_per_window, guard_seconds)
+
+
 def item_key(limit_key: str) -> dict[str, dict[str, str]]:
     """The DynamoDB key of a limit's item."""
     return {"pk": {"S": f"{KEY_VERSION}#{limit_key}"}}
@@ -371,11 +391,17 @@ def wait_until_fits(
 
 
 def lane_caps(
-    limit: LimitSpec, lane: Lane, state: LedgerState, now: float, bulk_ceiling: float
+    limit: LimitSpec,
+    lane: Lane,
+    state: LedgerState,
+    now: float,
+    bulk_ceiling: float,
+    bulk_idle_ceiling: float = 1.0,
 ) -> tuple[int, int]:
     """The token and request caps a caller in `lane` is held to right now."""
-    if lane is Lane.BULK and state.realtime_until > now:
-        return math.floor(bulk_ceiling * limit.tpm), math.floor(bulk_ceiling * limit.rpm)
+    if lane is Lane.BULK:
+        share = bulk_ceiling if state.realtime_until > now else bulk_idle_ceiling
+        return math.floor(share * limit.tpm), math.floor(share * limit.rpm)
     return limit.tpm, limit.rpm
 
 
@@ -391,6 +417,7 @@ def plan_wait(
     guard_seconds: float = 0.0,
     requests: int = 1,
     bulk_pace: float | None = None,
+    bulk_idle_ceiling: float = 1.0,
 ) -> float:
     """Seconds this caller must wait before its grant (0: grant now), from one read of the item."""
     seconds_per_slot = slot_seconds(limit, slots_per_window)
@@ -409,15 +436,17 @@ def plan_wait(
             requests=requests,
         )
 
-    wait = wait_under(limit.tpm, limit.rpm)
-    # Slots this caller must count were removed by a caller whose clock runs ahead: wait until they would
-    # have left this caller's window too (the write's condition would refuse it until then).
-    counted_again_at = (state.removed_below + slots_per_window) * seconds_per_slot + guard_seconds
-    if first_counted_slot(now, seconds_per_slot, slots_per_window, guard_seconds) < state.removed_below:
-        wait = max(wait, counted_again_at - now + _EPSILON_SECONDS)
+    # Bulk never takes the idle reserve (1 - bulk_idle_ceiling), users active or not.
+    share = bulk_idle_ceiling if lane is Lane.BULK else 1.0
+    wait = wait_under(math.floor(share * limit.tpm), math.floor(share * limit.rpm))
+    # Slots were removed beyond what any clock within the skew removes: this reading is stale; wait until
+    # the removals lie under this caller's ceiling too (the write's condition refuses it until then).
+    if removal_ceiling(now, seconds_per_slot, slots_per_window, guard_seconds) < state.removed_below:
+        accepted_at = (state.removed_below + slots_per_window) * seconds_per_slot
+        wait = max(wait, accepted_at - now + _EPSILON_SECONDS)
     if lane is Lane.BULK and state.realtime_until > now:
         # Users are active: bulk fits under the ceiling, or waits for users to go idle (whichever is first).
-        ceiling = wait_under(*lane_caps(limit, lane, state, now, bulk_ceiling))
+        ceiling = wait_under(*lane_caps(limit, lane, state, now, bulk_ceiling, bulk_idle_ceiling))
         wait = min(ceiling, max(wait, state.realtime_until - now))
     if lane is Lane.BULK and bulk_pace:
         wait = max(
@@ -469,6 +498,7 @@ def plan_grant(
     guard_seconds: float = 0.0,
     requests: int = 1,
     bulk_pace: float | None = None,
+    bulk_idle_ceiling: float = 1.0,
 ) -> Plan:
     """Wait, or grant now; and which stale slots the grant's write removes."""
     wait = plan_wait(
@@ -482,10 +512,11 @@ def plan_grant(
         guard_seconds=guard_seconds,
         requests=requests,
         bulk_pace=bulk_pace,
+        bulk_idle_ceiling=bulk_idle_ceiling,
     )
     if wait > 0:
         return Plan(wait)
-    token_cap, request_cap = lane_caps(limit, lane, state, now, bulk_ceiling)
+    token_cap, request_cap = lane_caps(limit, lane, state, now, bulk_ceiling, bulk_idle_ceiling)
     oldest = first_counted_slot(now, slot_seconds(limit, slots_per_window), slots_per_window, guard_seconds)
     stale = [slot for slot in sorted(state.slots) if slot < oldest]
 
@@ -566,6 +597,7 @@ class RateLimitLedger:
         client=None,
         *,
         bulk_ceiling: float = 0.8,
+        bulk_idle_ceiling: float = DEFAULT_BULK_IDLE_CEILING,
         slots_per_window: int = 60,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -579,6 +611,8 @@ class RateLimitLedger:
     ):
         if not 0 < bulk_ceiling <= 1:
             raise ValueError("bulk_ceiling must be in (0, 1]")
+        if not bulk_ceiling <= bulk_idle_ceiling <= 1:
+            raise ValueError("bulk_idle_ceiling must be in [bulk_ceiling, 1]")
         if slots_per_window < 1:
             raise ValueError("slots_per_window must be at least 1")
         if not 0 <= fallback_share < 1 or fallback_processes < 0:
@@ -586,6 +620,7 @@ class RateLimitLedger:
         self.table_name = table_name
         self._client = client
         self.bulk_ceiling = bulk_ceiling
+        self.bulk_idle_ceiling = bulk_idle_ceiling
         self.slots_per_window = slots_per_window
         self.clock = clock
         self.sleep = sleep
@@ -791,7 +826,6 @@ class RateLimitLedger:
         freed_requests = sum(state.slots[s][1] for s in plan.compact)
         granted_tokens, granted_requests = (0, 0) if plan.compact_only else (tokens, requests)
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
         adds = ["#tt :dt", "#tr :dr"]
         values[":dt"] = _n(granted_tokens - freed_tokens)
         values[":dr"] = _n(granted_requests - freed_requests)
@@ -799,14 +833,18 @@ class RateLimitLedger:
         if not plan.compact_only:
             adds.append(f"s_{slot} :packed")
             values[":packed"] = _n(pack_slot(tokens, requests))
-            values[":max_t"] = _n(limit.tpm - tokens + freed_tokens)
-            values[":max_r"] = _n(limit.rpm - requests + freed_requests)
+            # Bulk leaves the idle reserve free on the provider's item; a tenant's item has no reserve.
+            share = self.bulk_idle_ceiling if lane is Lane.BULK and budget.shared else 1.0
+            values[":max_t"] = _n(math.floor(share * limit.tpm) - tokens + freed_tokens)
+            values[":max_r"] = _n(math.floor(share * limit.rpm) - requests + freed_requests)
             conditions.append("(attribute_not_exists(#tt) OR (#tt <= :max_t AND #tr <= :max_r))")
-            # Every slot this grant's windows count is still here: a caller whose clock reading went
-            # stale before its write landed cannot miss slots a newer caller removed meanwhile.
+            # No slot was removed beyond what a clock one guard ahead removes: a caller whose clock reading
+            # went stale, beyond what the guard covers, before its write landed cannot miss removed slots.
             names["#rb"] = "removed_below"
-            values[":oldest"] = _n(oldest)
-            conditions.append("(attribute_not_exists(#rb) OR #rb <= :oldest)")
+            values[":removable"] = _n(
+                removal_ceiling(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
+            )
+            conditions.append("(attribute_not_exists(#rb) OR #rb <= :removable)")
             if budget.shared:
                 names["#cd"] = "cooldown_until"
                 names["#rt"] = "realtime_until"
@@ -1034,6 +1072,7 @@ class RateLimitLedger:
                         guard_seconds=self.guard_for(budget.limit),
                         requests=want_requests,
                         bulk_pace=self.bulk_pace if budget.shared else None,
+                        bulk_idle_ceiling=self.bulk_idle_ceiling,
                     )
                     for budget, state in zip(budgets, known, strict=True)
                 ]
@@ -1303,10 +1342,12 @@ class RateLimitLedger:
     def _reconcile_item(self, limit: LimitSpec, reserved_slot: int, delta: int, requests: int = 0) -> None:
         now = self.clock()
         seconds_per_slot = slot_seconds(limit, self.slots_per_window)
-        oldest = first_counted_slot(now, seconds_per_slot, self.slots_per_window, self.guard_for(limit))
+        guard = self.guard_for(limit)
+        # The oldest slot that a caller whose clock runs up to a guard ahead still keeps.
+        kept = first_counted_slot(now + guard, seconds_per_slot, self.slots_per_window, guard)
         # Close to leaving the window, the slot may be removed under us: extra usage then goes to the
         # current slot (counted longer, safe), and a refund is dropped (the estimate stands, safe).
-        if reserved_slot >= oldest + 2:
+        if reserved_slot >= kept + 2:
             slot = reserved_slot
         elif delta > 0:
             slot, requests = slot_of(now, seconds_per_slot), 0
