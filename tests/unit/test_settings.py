@@ -4,6 +4,7 @@ import pytest
 
 from embedsvc.config import Settings
 from embedsvc.errors import ConfigError
+from embedsvc.services.ratelimit import DEFAULT_BULK_IDLE_CEILING
 
 
 def test_an_idle_ceiling_below_the_bulk_ceiling_is_a_config_error(monkeypatch):
@@ -18,3 +19,4 @@ def test_the_idle_ceiling_defaults_above_the_bulk_ceiling(monkeypatch):
     monkeypatch.delenv("BULK_IDLE_CEILING", raising=False)
     settings = Settings.load()
     assert settings.bulk_ceiling < settings.bulk_idle_ceiling < 1
+    assert settings.bulk_idle_ceiling == DEFAULT_BULK_IDLE_CEILING  # the service and the ledger agree

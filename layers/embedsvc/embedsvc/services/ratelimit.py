@@ -391,16 +391,11 @@ def wait_until_fits(
 
 
 def lane_caps(
-    limit: LimitSpec,
-    lane: Lane,
-    state: LedgerState,
-    now: float,
-    bulk_ceiling: float,
-    bulk_idle_ceiling: float = 1.0,
+    limit: LimitSpec, lane: Lane, users_active: bool, bulk_ceiling: float, bulk_idle_ceiling: float = 1.0
 ) -> tuple[int, int]:
-    """The token and request caps a caller in `lane` is held to right now."""
+    """The token and request caps a caller in `lane` is held to, with users active or idle."""
     if lane is Lane.BULK:
-        share = bulk_ceiling if state.realtime_until > now else bulk_idle_ceiling
+        share = bulk_ceiling if users_active else bulk_idle_ceiling
         return math.floor(share * limit.tpm), math.floor(share * limit.rpm)
     return limit.tpm, limit.rpm
 
@@ -437,8 +432,7 @@ def plan_wait(
         )
 
     # Bulk never takes the idle reserve (1 - bulk_idle_ceiling), users active or not.
-    share = bulk_idle_ceiling if lane is Lane.BULK else 1.0
-    wait = wait_under(math.floor(share * limit.tpm), math.floor(share * limit.rpm))
+    wait = wait_under(*lane_caps(limit, lane, False, bulk_ceiling, bulk_idle_ceiling))
     # Slots were removed beyond what any clock within the skew removes: this reading is stale; wait until
     # the removals lie under this caller's ceiling too (the write's condition refuses it until then).
     if removal_ceiling(now, seconds_per_slot, slots_per_window, guard_seconds) < state.removed_below:
@@ -446,7 +440,7 @@ def plan_wait(
         wait = max(wait, accepted_at - now + _EPSILON_SECONDS)
     if lane is Lane.BULK and state.realtime_until > now:
         # Users are active: bulk fits under the ceiling, or waits for users to go idle (whichever is first).
-        ceiling = wait_under(*lane_caps(limit, lane, state, now, bulk_ceiling, bulk_idle_ceiling))
+        ceiling = wait_under(*lane_caps(limit, lane, True, bulk_ceiling, bulk_idle_ceiling))
         wait = min(ceiling, max(wait, state.realtime_until - now))
     if lane is Lane.BULK and bulk_pace:
         wait = max(
@@ -516,7 +510,8 @@ def plan_grant(
     )
     if wait > 0:
         return Plan(wait)
-    token_cap, request_cap = lane_caps(limit, lane, state, now, bulk_ceiling, bulk_idle_ceiling)
+    users_active = state.realtime_until > now
+    token_cap, request_cap = lane_caps(limit, lane, users_active, bulk_ceiling, bulk_idle_ceiling)
     oldest = first_counted_slot(now, slot_seconds(limit, slots_per_window), slots_per_window, guard_seconds)
     stale = [slot for slot in sorted(state.slots) if slot < oldest]
 
@@ -834,9 +829,10 @@ class RateLimitLedger:
             adds.append(f"s_{slot} :packed")
             values[":packed"] = _n(pack_slot(tokens, requests))
             # Bulk leaves the idle reserve free on the provider's item; a tenant's item has no reserve.
-            share = self.bulk_idle_ceiling if lane is Lane.BULK and budget.shared else 1.0
-            values[":max_t"] = _n(math.floor(share * limit.tpm) - tokens + freed_tokens)
-            values[":max_r"] = _n(math.floor(share * limit.rpm) - requests + freed_requests)
+            item_lane = lane if budget.shared else Lane.REALTIME
+            max_t, max_r = lane_caps(limit, item_lane, False, self.bulk_ceiling, self.bulk_idle_ceiling)
+            values[":max_t"] = _n(max_t - tokens + freed_tokens)
+            values[":max_r"] = _n(max_r - requests + freed_requests)
             conditions.append("(attribute_not_exists(#tt) OR (#tt <= :max_t AND #tr <= :max_r))")
             # No slot was removed beyond what a clock one guard ahead removes: a caller whose clock reading
             # went stale, beyond what the guard covers, before its write landed cannot miss removed slots.
@@ -851,10 +847,9 @@ class RateLimitLedger:
                 values[":now"] = _n(now)
                 conditions.append("(attribute_not_exists(#cd) OR #cd <= :now)")
                 if lane is Lane.BULK:
-                    values[":bmax_t"] = _n(math.floor(self.bulk_ceiling * limit.tpm) - tokens + freed_tokens)
-                    values[":bmax_r"] = _n(
-                        math.floor(self.bulk_ceiling * limit.rpm) - requests + freed_requests
-                    )
+                    bmax_t, bmax_r = lane_caps(limit, lane, True, self.bulk_ceiling)
+                    values[":bmax_t"] = _n(bmax_t - tokens + freed_tokens)
+                    values[":bmax_r"] = _n(bmax_r - requests + freed_requests)
                     conditions.append(
                         "(attribute_not_exists(#rt) OR #rt <= :now OR attribute_not_exists(#tt)"
                         " OR (#tt <= :bmax_t AND #tr <= :bmax_r))"
